@@ -1,0 +1,3 @@
+from ubertool.runtime.cli import main
+
+main()

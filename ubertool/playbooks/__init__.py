@@ -1,0 +1,1 @@
+"""Playbooks: a session's journal dumped as a replayable script, and its replay."""

