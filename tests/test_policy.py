@@ -1,0 +1,113 @@
+"""The policy file: the embedded default, a good file, and bad files with their exact messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ubertool.runtime.home import state_home
+from ubertool.runtime.policy import PolicyError, default_policy, load_policy
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    return caught.value.problems
+
+
+def test_default_policy_grants_nothing_but_the_workspace() -> None:
+    policy = default_policy()
+    assert policy.grants == () and policy.mounts == ()
+    assert policy.credentials == {} and policy.tools == {}
+    assert policy.workspace.guest_path == "/workspace"
+    assert policy.limits.timeout_s == 30.0 and policy.limits.max_sessions == 16
+
+
+def test_good_policy_resolves_grants_against_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    path = write(tmp_path, '[limits]\ntimeout_s = 5\nmemory_mib = 512\n'
+                           '[[grants]]\nhost = "data"\nguest = "/data"\n')
+    policy = load_policy(path)
+    assert policy.limits.timeout_s == 5.0 and policy.limits.memory_mib == 512
+    assert policy.grants[0].host == (tmp_path / "data").resolve()
+    assert policy.source == str(path)
+    with pytest.raises(Exception, match="frozen"):
+        policy.limits.timeout_s = 99  # type: ignore[misc]
+
+
+BAD = [
+    ("version = 2\n", "version: Input should be 1"),
+    ("colour = 'red'\n", "colour: unknown key (a typo, or a section this version does not have)"),
+    ("[limits]\ntimeout = 3\n",
+     "limits.timeout: unknown key (a typo, or a section this version does not have)"),
+    ("[limits]\ntimeout_s = '3'\n", "limits.timeout_s: Input should be a valid number"),
+    ("[limits]\ntimeout_s = -1\n", "limits.timeout_s: Input should be greater than 0"),
+    ("[limits]\ntimeout_s = 400.0\n", "limits.timeout_s: 400 is over max_timeout_s (300)"),
+    ("[limits]\nmemory_mib = 8192\n", "limits.memory_mib: Input should be less than or equal to 4096"),
+    ("[limits]\nmax_sessions = 0\n", "limits.max_sessions: Input should be greater than or equal to 1"),
+    ("[workspace]\nkeep = 'yes'\n", "workspace.keep: Input should be a valid boolean"),
+    ("[workspace]\nguest_path = 'ws'\n",
+     "workspace.guest_path: must be an absolute, normalized guest path such as '/data', not 'ws'"),
+    ("[workspace]\nguest_path = '/tmp/ws'\n",
+     "workspace.guest_path: '/tmp/ws' overlaps '/tmp', which the sandbox uses itself"),
+    ("[[grants]]\nguest = '/data'\n", "grants.0.host: required key is missing"),
+    ("[[grants]]\nhost = 'missing-folder'\nguest = '/data'\n",
+     "grants.0.host: '{tmp}/missing-folder' is not an existing folder"),
+    ("[[grants]]\nhost = '.'\nguest = '/data/../etc'\n",
+     "grants.0.guest: must be an absolute, normalized guest path such as '/data', not '/data/../etc'"),
+    ("[[grants]]\nhost = '.'\nguest = '/workspace/in'\n",
+     "grants.0.guest: '/workspace/in' overlaps '/workspace', which the sandbox uses itself"),
+    ("[[grants]]\nhost = '.'\nguest = '/usr/local/lib/x'\n",
+     "grants.0.guest: '/usr/local/lib/x' overlaps '/usr/local/lib', which the sandbox uses itself"),
+    ("[[grants]]\nhost = '.'\nguest = '/a'\n[[grants]]\nhost = '.'\nguest = '/a/b'\n",
+     "grants.1.guest: '/a/b' overlaps the grant at '/a'"),
+    ("[[grants]]\nhost = '.'\nguest = '/a'\nwritable = true\n",
+     "grants.0.writable: unknown key (a typo, or a section this version does not have)"),
+    ("[[mounts]]\nguest = '/remote'\n",
+     "mounts: not supported yet by this version of ubertool: leave it empty"),
+    ("[credentials.github]\nenv = 'TOKEN'\n",
+     "credentials: not supported yet by this version of ubertool: leave it empty"),
+    ("grants = 'x'\n", "grants: Input should be a valid tuple"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[m.split(":")[0] + f"-{i}"
+                                                        for i, (_, m) in enumerate(BAD)])
+def test_bad_policy_names_file_key_and_reason(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    assert problems(path) == [f"{path}: {message.format(tmp=tmp_path.resolve())}"]
+
+
+def test_toml_syntax_error_gives_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "version = 1\n\n[limits\ntimeout_s = 3\n")
+    assert problems(path) == [f"{path}:3: TOML syntax error: Expected ']' at the end of a table "
+                              "declaration"]
+
+
+def test_every_problem_is_listed(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\ntimeout_s = 0\nmemory_mib = 1\nspeed = 3\n")
+    assert problems(path) == [
+        f"{path}: limits.timeout_s: Input should be greater than 0",
+        f"{path}: limits.memory_mib: Input should be greater than or equal to 32",
+        f"{path}: limits.speed: unknown key (a typo, or a section this version does not have)",
+    ]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    assert problems(path) == [f"{path}: cannot read the policy file: No such file or directory"]
+
+
+def test_a_grant_may_not_show_ubertool_state(tmp_path: Path) -> None:
+    home = state_home()
+    home.mkdir(parents=True, exist_ok=True)
+    path = write(tmp_path, f"[[grants]]\nhost = '{home.parent}'\nguest = '/up'\n")
+    assert problems(path) == [f"{path}: grants.0.host: '{home.parent.resolve()}' would show the "
+                              f"guest '{home.resolve()}', which holds ubertool's own state"]
