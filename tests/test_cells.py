@@ -185,3 +185,23 @@ async def test_restore_that_diverges_says_so(session: SandboxSession) -> None:
     assert str((await session.run("kept")).value) == "'before the divergence'"
     assert (await session.run("after")).status is Status.ERROR
     assert (session.config.workspace / "late.txt").read_text() == "late"
+
+
+async def test_open_figures_come_back_as_png_images(session: SandboxSession) -> None:
+    result = await session.run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\n"
+                               "plt.figure()\nplt.bar(['a', 'b'], [3, 5])\nplt.show()")
+    assert result.status is Status.OK, result.error
+    assert len(result.images) == 2
+    assert all(image.startswith(b"\x89PNG\r\n\x1a\n") for image in result.images)
+    assert str(result.stderr) == ""  # no warning about a non-interactive backend
+    assert (await session.run("plt.get_fignums()")).value is not None
+    assert (await session.run("1")).images == ()  # shown once, then closed
+
+
+async def test_the_guest_helper_describes_the_sandbox(make_config) -> None:
+    from dataclasses import replace
+
+    config = replace(make_config(), about="Folders: /workspace (writable).")
+    async with SandboxSession(config) as s:
+        result = await s.run("import ubertool\nubertool.about()")
+        assert str(result.stdout) == "Folders: /workspace (writable).\n"

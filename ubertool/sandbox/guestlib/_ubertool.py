@@ -70,10 +70,34 @@ class _HeadTail(io.TextIOBase):
 _streams: dict[str, _HeadTail] = {}
 
 
-def install(cap: int) -> None:
-    """Replace sys.stdout and sys.stderr by capturing streams of `cap` bytes each."""
+def install(cap: int, about: str) -> None:
+    """Replace sys.stdout and sys.stderr by capturing streams of `cap` bytes each, and give
+    the guest helper module `ubertool` the text of `ubertool.about()`."""
+    import warnings
+
     _streams["stdout"] = sys.stdout = _HeadTail("stdout", cap)
     _streams["stderr"] = sys.stderr = _HeadTail("stderr", cap)
+    # Figures are returned as images at the end of each cell, so show() has nothing to do.
+    warnings.filterwarnings("ignore", "FigureCanvasAgg is non-interactive")
+    import ubertool  # the guest helper beside this file, not the host package
+
+    ubertool.ABOUT = about
+
+
+def _figures() -> list[str]:
+    """Every open matplotlib figure as base64 PNG, then closed (as a notebook shows them)."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None or not pyplot.get_fignums():
+        return []
+    import base64
+
+    images = []
+    for number in pyplot.get_fignums():
+        buffer = io.BytesIO()
+        pyplot.figure(number).savefig(buffer, format="png", bbox_inches="tight")
+        images.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    pyplot.close("all")
+    return images
 
 
 def _guest_tb(tb):
@@ -140,7 +164,11 @@ def run_cell(number: int, source: str, echo: bool, value_cap: int) -> None:
     for stream in _streams.values():
         stream.reset()
     value, error = _execute(source, filename, echo, value_cap)
-    record = {"value": value, "error": error}
+    try:
+        images = _figures()
+    except Exception as exc:  # a figure that cannot be drawn is the cell's error, not ours
+        images, error = [], error or _error(exc)
+    record = {"value": value, "error": error, "images": images}
     for name, stream in _streams.items():
         record[name] = stream.collect()
     sys.__stdout__.write(MARK + json.dumps(record, ensure_ascii=False) + "\n")
