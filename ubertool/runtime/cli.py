@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def run(policy_path: str | None, workspace: Path | None, code: str | None,
 
     async def go() -> bool:
         async with open_run(policy, workspace=workspace) as r:
-            result = await r.session.run(source, timeout_s=r.timeout_for(timeout_s), echo=False)
+            result = await r.cell(source, timeout_s=timeout_s, echo=False)
         render(result, sys.stdout, sys.stderr, show_value=False)
         return result.failed
 
@@ -98,6 +99,21 @@ def shell(policy_path: str | None, workspace: Path | None) -> None:
     from ubertool.runtime.shell import shell as repl
 
     _sandboxed(repl, _policy(policy_path), workspace)
+
+
+@main.command()
+@policy_option
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP only.")
+@click.option("--port", type=int, default=8765, show_default=True, help="HTTP only.")
+def serve(policy_path: str | None, transport: str, host: str, port: int) -> None:
+    """Serve the one `python` tool over MCP (stdio, or streamable HTTP at /mcp)."""
+    from ubertool.runtime.server import serve as serve_mcp
+
+    policy = _policy(policy_path)
+    if transport == "http":
+        click.echo(f"ubertool serving MCP at http://{host}:{port}/mcp (policy: {policy.source})", err=True)
+    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port))
 
 
 @main.command()

@@ -48,6 +48,7 @@ class Limits(_Section):
     memory_mib: int = Field(1024, ge=32, le=4096)
     output_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)
     code_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)
+    reply_bytes: int = Field(20_000, ge=256, le=64 * 2**20)
     session_idle_s: PositiveSeconds = 900.0
     session_lifetime_s: PositiveSeconds = 3600.0
     max_sessions: int = Field(16, ge=1, le=1024)

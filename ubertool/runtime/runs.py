@@ -1,7 +1,7 @@
 """A run: the unit of work (one MCP session, one `ubertool run` or `shell`, one replay).
 
-A run owns its id, the effective policy, its workspace folder and its sandbox session. Later
-it also owns its journal entries, audit events and credentials.
+A run owns its id, the effective policy, its workspace folder, its audit log and its sandbox
+session. Later it also owns its journal entries and credentials.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ubertool.runtime.about import about_text
+from ubertool.runtime.audit import AuditLog, code_hash
 from ubertool.runtime.home import state_home
 from ubertool.runtime.policy import Policy
-from ubertool.sandbox import Limits, ReadOnlyGrant, SandboxConfig, SandboxSession
+from ubertool.sandbox import CellResult, Limits, ReadOnlyGrant, SandboxConfig, SandboxSession
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,31 @@ class Run:
     id: str
     policy: Policy
     workspace: Path
+    audit: AuditLog
     session: SandboxSession
 
     def timeout_for(self, asked: float | None) -> float:
         """The time limit of a cell: what the caller asked, capped by the policy."""
         limits = self.policy.limits
         return limits.timeout_s if asked is None else min(asked, limits.max_timeout_s)
+
+    async def cell(self, code: str, *, timeout_s: float | None = None, echo: bool = True,
+                   traceparent: str | None = None) -> CellResult:
+        """Run one cell in this run's session, with its audit events (see `SandboxSession.run`)."""
+        timeout = self.timeout_for(timeout_s)
+        self.audit.event("cell_start", code=code_hash(code), timeout_s=timeout, traceparent=traceparent)
+        try:
+            result = await self.session.run(code, timeout_s=timeout, echo=echo)
+        except BaseException as exc:
+            self.audit.event("cell_abandoned", reason=type(exc).__name__, traceparent=traceparent)
+            raise
+        restored = result.restored
+        self.audit.event(
+            "cell_end", cell=result.cell, status=str(result.status), duration_s=round(result.duration_s, 6),
+            error=result.error.type if result.error else None, traceparent=traceparent,
+            restored_cells=restored.cells if restored else None,
+            restore_ok=restored.ok if restored else None)
+        return result
 
 
 def new_run_id() -> str:
@@ -53,16 +74,17 @@ def sandbox_config(policy: Policy, workspace: Path) -> SandboxConfig:
             code_bytes=limits.code_bytes,
             restore_timeout_s=limits.max_timeout_s,
         ),
+        about=about_text(policy),
     )
 
 
 @asynccontextmanager
 async def open_run(policy: Policy, *, workspace: Path | None = None) -> AsyncIterator[Run]:
-    """Start a run: make its workspace, open its sandbox; on exit close both.
+    """Start a run: make its workspace and audit log, open its sandbox; on exit close them.
 
     With `workspace` the given host folder (made if missing) is the workspace and is kept.
     Otherwise the run gets `<state>/runs/<id>/workspace`, removed at the end unless the
-    policy says `workspace.keep`.
+    policy says `workspace.keep`. The audit log `<state>/runs/<id>/audit.jsonl` is kept.
     """
     run_id = new_run_id()
     own = workspace is None
@@ -70,8 +92,13 @@ async def open_run(policy: Policy, *, workspace: Path | None = None) -> AsyncIte
     folder = (run_dir / "workspace") if own else Path(workspace).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        async with SandboxSession(sandbox_config(policy, folder)) as session:
-            yield Run(run_id, policy, folder, session)
+        with AuditLog(run_dir / "audit.jsonl", run_id) as audit:
+            audit.event("run_start", policy=policy.source, workspace=str(folder))
+            try:
+                async with SandboxSession(sandbox_config(policy, folder)) as session:
+                    yield Run(run_id, policy, folder, audit, session)
+            finally:
+                audit.event("run_end")
     finally:
         if own and not policy.workspace.keep:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)

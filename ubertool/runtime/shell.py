@@ -80,6 +80,6 @@ def shell(policy: Policy, workspace: Path | None) -> None:
                 return
             if not source.strip():
                 continue
-            future = portal.start_task_soon(run.session.run, source)
+            future = portal.start_task_soon(run.cell, source)
             result = _wait(future, run)
             render(result, sys.stdout, sys.stderr, show_value=True)

@@ -77,6 +77,11 @@ class SandboxSession:
                 await anyio.to_thread.run_sync(interp.close)
 
     @property
+    def busy(self) -> bool:
+        """Whether a cell is running or waiting to run."""
+        return self._lock.locked()
+
+    @property
     def cells(self) -> int:
         """How many cells were sent so far."""
         return self._next - 1

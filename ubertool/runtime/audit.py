@@ -1,0 +1,46 @@
+"""The audit trail: one JSON object per line, per run, in `runs/<id>/audit.jsonl`.
+
+Events name the run, the session handle, what happened and, when the client sent one, the
+W3C `traceparent` of the request. Code is recorded by its SHA-256, never as text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import IO, Any
+
+
+def code_hash(code: str) -> str:
+    return "sha256:" + hashlib.sha256(code.encode("utf-8", "replace")).hexdigest()
+
+
+class AuditLog:
+    """An append-only JSON-lines file; use as a context manager. Each event is flushed."""
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        self.path = path
+        self.run_id = run_id
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> AuditLog:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append one event; fields that are None are left out."""
+        if self._file is None:
+            raise RuntimeError("the audit log is closed")
+        record = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+                  "run": self.run_id, "event": kind}
+        record.update({key: value for key, value in fields.items() if value is not None})
+        self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self._file.flush()

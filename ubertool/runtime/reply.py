@@ -1,0 +1,98 @@
+"""A cell's result as an MCP tool result: concise text, images, and the same fields structured.
+
+Each part of the text (stdout, stderr, value, traceback) is cut to the policy's `reply_bytes`,
+head and tail kept; the whole part is then saved in the workspace, and the text says where.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from fastmcp.tools import ToolResult
+from mcp.types import ImageContent, TextContent
+
+from ubertool.runtime.render import restore_note
+from ubertool.runtime.runs import Run
+from ubertool.sandbox import CellResult, Status
+
+SAVED_DIR = ".ubertool"
+
+
+def _fit(text: str, run: Run, cell: int, part: str) -> tuple[str, str | None]:
+    """The text to show and, when it was cut, the guest path holding all of it."""
+    cap = run.policy.limits.reply_bytes
+    data = text.encode("utf-8", "replace")
+    if len(data) <= cap:
+        return text, None
+    name = f"cell-{cell}-{part}.txt"
+    folder = run.workspace / SAVED_DIR
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(data)
+    guest = f"{run.policy.workspace.guest_path}/{SAVED_DIR}/{name}"
+    half = cap // 2
+    head, tail = data[:half].decode("utf-8", "replace"), data[-half:].decode("utf-8", "replace")
+    return f"{head}\n[... {len(data) - 2 * half} bytes not shown; all of it is in {guest} ...]\n{tail}", guest
+
+
+def _status_line(result: CellResult) -> str:
+    if result.status in (Status.OK, Status.ERROR, Status.MEMORY):
+        return ""
+    note = result.message or "the output passed the policy's output_bytes; its middle was dropped"
+    if result.restored is not None:
+        note += f"; {restore_note(result.restored)}"
+    return f"[{result.status}] {note}"
+
+
+def reply(handle: str, result: CellResult, run: Run) -> ToolResult:
+    """The tool result for one cell; `is_error` when the cell failed."""
+    saved: dict[str, str] = {}
+    shown: dict[str, str | None] = {}
+    sources = {"stdout": str(result.stdout), "stderr": str(result.stderr),
+               "value": None if result.value is None else str(result.value),
+               "traceback": result.error.traceback if result.error else None}
+    for part, text in sources.items():
+        if not text:
+            shown[part] = text
+            continue
+        shown[part], path = _fit(text, run, result.cell, part)
+        if path:
+            saved[part] = path
+    lines = [shown["stdout"], shown["stderr"] and f"[stderr]\n{shown['stderr']}", shown["traceback"],
+             shown["value"], _status_line(result)]
+    footer = f"[session {handle}, cell {result.cell}, {result.duration_s:.2f} s]"
+    text = "\n".join(line.rstrip("\n") for line in lines if line) + ("\n" if any(lines) else "")
+    content: list[Any] = [TextContent(type="text", text=text + footer)]
+    content += [ImageContent(type="image", mimeType="image/png", data=base64.b64encode(png).decode())
+                for png in result.images]
+    return ToolResult(content=content, structured_content=structured(handle, result, shown, saved),
+                      is_error=result.failed)
+
+
+def structured(handle: str, result: CellResult, shown: dict[str, str | None],
+               saved: dict[str, str]) -> dict[str, Any]:
+    error = result.error
+    restored = result.restored
+    return {
+        "session": handle,
+        "cell": result.cell,
+        "status": str(result.status),
+        "stdout": shown["stdout"],
+        "stderr": shown["stderr"],
+        "value": shown["value"],
+        "error": None if error is None else {"type": error.type, "message": error.message,
+                                             "traceback": shown["traceback"]},
+        "message": result.message,
+        "duration_s": round(result.duration_s, 6),
+        "images": len(result.images),
+        "restored": None if restored is None else {
+            "cells": restored.cells, "seconds": round(restored.seconds, 6), "ok": restored.ok,
+            "failed_at": restored.failed_at, "reason": restored.reason},
+        "saved": saved,
+    }
+
+
+def refusal(message: str) -> ToolResult:
+    """A call that ran no cell (no session could be had); an error result, not a protocol error."""
+    return ToolResult(content=[TextContent(type="text", text=message)],
+                      structured_content={"status": "denied", "message": message}, is_error=True)

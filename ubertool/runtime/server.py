@@ -1,0 +1,103 @@
+"""The MCP server: exactly one tool, `python`, over stdio or streamable HTTP (fastmcp).
+
+A call finds its session (`sessions.SessionManager`), runs the cell in it while sending
+progress every second after the first, and answers with `reply.reply`. A failed cell is a tool
+result with `isError`, never a protocol error; a client's cancellation stops the cell.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import anyio
+from fastmcp import Context, FastMCP
+from fastmcp.tools import ToolResult
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from ubertool import __version__
+from ubertool.runtime.about import tool_description
+from ubertool.runtime.policy import Policy
+from ubertool.runtime.reply import refusal, reply
+from ubertool.runtime.sessions import SessionError, SessionManager
+from ubertool.sandbox import SessionClosed
+
+PROGRESS_AFTER_S = 1.0
+
+
+def _connection_key(ctx: Context) -> str | None:
+    """A stable name for the client's connection, when the transport has one."""
+    if ctx.transport == "stdio":
+        return "stdio"  # a stdio server process serves exactly one client
+    request = ctx.request_context.request if ctx.request_context is not None else None
+    header = request.headers.get("mcp-session-id") if request is not None else None
+    return f"http:{header}" if header else None
+
+
+def _traceparent(ctx: Context) -> str | None:
+    meta = ctx.request_context.meta if ctx.request_context is not None else None
+    value = (meta or {}).get("traceparent")
+    return value if isinstance(value, str) else None
+
+
+async def _progress(ctx: Context, timeout_s: float) -> None:
+    """Tell the client the cell is alive, every second after the first, until cancelled."""
+    started = time.monotonic()
+    await anyio.sleep(PROGRESS_AFTER_S)
+    while True:
+        elapsed = time.monotonic() - started
+        try:
+            await ctx.report_progress(elapsed, total=timeout_s, message=f"running for {elapsed:.0f} s")
+        except Exception:  # a client that went away must not stop the cell
+            return
+        await anyio.sleep(1.0)
+
+
+def build_server(manager: SessionManager) -> FastMCP[Any]:
+    """The FastMCP app whose one tool runs cells in `manager`'s sessions (which it must run)."""
+    policy = manager.policy
+
+    async def python(
+        code: Annotated[str, Field(description="Python source to run in the session.")],
+        ctx: Context,
+        timeout_s: Annotated[float | None, Field(
+            gt=0, description="This call's time limit in seconds (capped by the policy).")] = None,
+        session: Annotated[str | None, Field(
+            description="The session to continue, as named by an earlier result. "
+                        "Leave it out to start one (over stdio, to use the connection's own).")] = None,
+    ) -> ToolResult:
+        try:
+            handle, run = await manager.get(session, _connection_key(ctx))
+        except SessionError as exc:
+            return refusal(str(exc))
+        timeout = run.timeout_for(timeout_s)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_progress, ctx, timeout)
+            try:
+                result = await run.cell(code, timeout_s=timeout, traceparent=_traceparent(ctx))
+            except SessionClosed:
+                return refusal(f"session {handle} was closed while this call waited. "
+                               "Call again without `session` to start a new one.")
+            finally:
+                tg.cancel_scope.cancel()
+        return reply(handle, result, run)
+
+    server: FastMCP[Any] = FastMCP(
+        "ubertool", version=__version__,
+        instructions="One tool, `python`: a persistent Python sandbox. Read its description.")
+    server.tool(python, name="python", description=tool_description(policy),
+                annotations=ToolAnnotations(title="Python sandbox", readOnlyHint=False,
+                                            destructiveHint=False, idempotentHint=False,
+                                            openWorldHint=False))
+    return server
+
+
+async def serve(policy: Policy, transport: str, *, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve until the transport ends (stdin closed, or the process is stopped)."""
+    async with SessionManager(policy).running() as manager:
+        server = build_server(manager)
+        if transport == "http":
+            await server.run_async("http", show_banner=False, host=host, port=port)
+        else:
+            await server.run_async("stdio", show_banner=False)
