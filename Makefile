@@ -1,9 +1,9 @@
-# ubertool: `make shell` sets up and opens the sandbox; `make test` sets up and runs the tests.
+# ubertool: `make serve` sets up and serves MCP; `make test` sets up and runs the tests.
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup warm shell test lint bench clean
+.PHONY: setup serve shell test lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 # Installs, then compiles the sandbox once (about a minute on a new machine, with progress).
 setup: $(STAMP)
 	$(BIN)/ubertool warm
+
+# The main job: the MCP server on the embedded default policy, streamable HTTP on loopback.
+serve: setup
+	$(BIN)/ubertool serve --transport http --host 127.0.0.1 --port 8765
 
 shell: setup
 	$(BIN)/ubertool shell
@@ -26,6 +30,7 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/mcp_server.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
