@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ubertool.sandbox import Limits, ReadOnlyGrant, SandboxConfig, SandboxSession
+from ubertool.sandbox import HostFolder, Limits, SandboxConfig, SandboxSession
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 
@@ -28,12 +28,12 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., SandboxConfig]:
-    def make(grants: tuple[ReadOnlyGrant, ...] = (), **limits: object) -> SandboxConfig:
+    def make(folders: tuple[HostFolder, ...] = (), **limits: object) -> SandboxConfig:
         workspace = tmp_path / "workspace"
         workspace.mkdir(exist_ok=True)
         base = {"timeout_s": 10.0, "memory_bytes": 256 * 2**20, "output_bytes": 4096,
                 "restore_timeout_s": 30.0}
-        return SandboxConfig(workspace=workspace, grants=grants,
+        return SandboxConfig(workspace=workspace, folders=folders,
                              limits=Limits(**{**base, **limits}))  # type: ignore[arg-type]
     return make
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ubertool.runtime.home import state_home
-from ubertool.sandbox import ReadOnlyGrant, SandboxConfig, SandboxSession, Status
+from ubertool.sandbox import HostFolder, SandboxConfig, SandboxSession, Status
 
 pytestmark = pytest.mark.anyio
 
@@ -75,7 +75,7 @@ async def test_read_only_grant_is_readable_not_writable(
     data = tmp_path / "data"
     data.mkdir()
     (data / "table.csv").write_text("a,b\n1,2\n")
-    async with SandboxSession(make_config(grants=(ReadOnlyGrant(data, "/data"),))) as s:
+    async with SandboxSession(make_config(folders=(HostFolder(data, "/data"),))) as s:
         assert await _value(s, "open('/data/table.csv').read()") == "'a,b\\n1,2\\n'"
         for attempt in ("open('/data/new.txt', 'w')", "open('/data/table.csv', 'a')",
                         "import os; os.remove('/data/table.csv')", "import os; os.mkdir('/data/d')",

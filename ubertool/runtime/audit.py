@@ -1,7 +1,8 @@
 """The audit trail: one JSON object per line, per run, in `runs/<id>/audit.jsonl`.
 
 Events name the run, the session handle, what happened and, when the client sent one, the
-W3C `traceparent` of the request. Code is recorded by its SHA-256, never as text.
+W3C `traceparent` of the request. Code is recorded by its SHA-256, never as text; the run's
+secrets are redacted from every line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+from ubertool.tools.redact import Redactor
+
 
 def code_hash(code: str) -> str:
     return "sha256:" + hashlib.sha256(code.encode("utf-8", "replace")).hexdigest()
@@ -20,9 +23,10 @@ def code_hash(code: str) -> str:
 class AuditLog:
     """An append-only JSON-lines file; use as a context manager. Each event is flushed."""
 
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_id: str, redactor: Redactor | None = None) -> None:
         self.path = path
         self.run_id = run_id
+        self._redactor = redactor
         self._file: IO[str] | None = None
 
     def __enter__(self) -> AuditLog:
@@ -42,5 +46,8 @@ class AuditLog:
         record = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
                   "run": self.run_id, "event": kind}
         record.update({key: value for key, value in fields.items() if value is not None})
-        self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        if self._redactor is not None:
+            line = self._redactor.text(line)
+        self._file.write(line + "\n")
         self._file.flush()

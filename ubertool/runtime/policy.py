@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ubertool.runtime.home import state_home
 from ubertool.sandbox import GUESTLIB_GUEST
+from ubertool.tools.credentials import CredentialSpec
+from ubertool.tools.mounts.http import HttpMountSpec
 
 DEFAULT_POLICY_NAME = "<embedded default policy>"
 # Guest paths the sandbox itself uses: a grant may not shadow them.
@@ -97,6 +99,17 @@ class Grant(_Section):
         return Path(value)
 
 
+class DirMount(Grant):
+    """Policy `[[mounts]]` with `kind = "dir"`: a host folder, read-only unless `writable`."""
+
+    kind: Literal["dir"]
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    writable: bool = False
+
+
+Mount = Annotated[HttpMountSpec | DirMount, Field(discriminator="kind")]
+
+
 class Policy(_Section):
     """The whole policy. `source` is the file it came from (not a key of the file)."""
 
@@ -104,29 +117,47 @@ class Policy(_Section):
     limits: Limits = Limits()
     workspace: Workspace = Workspace()
     grants: Annotated[tuple[Grant, ...], Field(strict=False)] = ()
-    # Sections later releases fill; declared so an operator learns they are not in force yet.
-    mounts: Annotated[tuple[Any, ...], Field(strict=False, max_length=0)] = ()
-    credentials: dict[str, Any] = Field(default_factory=dict, max_length=0)
+    mounts: Annotated[tuple[Mount, ...], Field(strict=False)] = ()
+    credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
+    # A section a later release fills; declared so an operator learns it is not in force yet.
     tools: dict[str, Any] = Field(default_factory=dict, max_length=0)
     source: str = Field(DEFAULT_POLICY_NAME, exclude=True)
 
     @model_validator(mode="after")
-    def _grants_fit(self) -> Policy:
+    def _places_fit(self) -> Policy:
         for reserved in _RESERVED_GUEST:
             if _overlaps(self.workspace.guest_path, reserved):
                 raise ValueError(f"workspace.guest_path: {self.workspace.guest_path!r} overlaps "
                                  f"{reserved!r}, which the sandbox uses itself")
-        seen: list[str] = []
-        for index, grant in enumerate(self.grants):
-            where = f"grants.{index}.guest"
+        places = [(f"grants.{i}", "grant", g.guest) for i, g in enumerate(self.grants)]
+        places += [(f"mounts.{i}", "mount", m.guest) for i, m in enumerate(self.mounts)]
+        seen: list[tuple[str, str]] = []
+        for key, label, guest in places:
+            where = f"{key}.guest"
+            try:
+                _guest_path(guest)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
             for reserved in (*_RESERVED_GUEST, self.workspace.guest_path):
-                if _overlaps(grant.guest, reserved):
-                    raise ValueError(f"{where}: {grant.guest!r} overlaps {reserved!r}, "
+                if _overlaps(guest, reserved):
+                    raise ValueError(f"{where}: {guest!r} overlaps {reserved!r}, "
                                      "which the sandbox uses itself")
-            for other in seen:
-                if _overlaps(grant.guest, other):
-                    raise ValueError(f"{where}: {grant.guest!r} overlaps the grant at {other!r}")
-            seen.append(grant.guest)
+            for other_label, other in seen:
+                if _overlaps(guest, other):
+                    raise ValueError(f"{where}: {guest!r} overlaps the {other_label} at {other!r}")
+            seen.append((label, guest))
+        return self
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Policy:
+        names: set[str] = set()
+        for index, mount in enumerate(self.mounts):
+            if mount.name in names:
+                raise ValueError(f"mounts.{index}.name: {mount.name!r} is used by another mount")
+            names.add(mount.name)
+            credential = getattr(mount, "credential", None)
+            if credential is not None and credential not in self.credentials:
+                raise ValueError(f"mounts.{index}.credential: no [credentials.{credential}] in the policy")
         return self
 
 
@@ -139,7 +170,10 @@ _MESSAGES = {
 
 
 def _describe(error: dict[str, Any]) -> tuple[str, str]:
-    loc = ".".join(str(part) for part in error["loc"])
+    parts = list(error["loc"])
+    if len(parts) > 2 and parts[0] == "mounts" and parts[2] in ("http", "dir"):
+        del parts[2]  # pydantic names the union's member; the file has no such key
+    loc = ".".join(str(part) for part in parts)
     message = _MESSAGES.get(error["type"]) or error["msg"].removeprefix("Value error, ")
     nested = re.match(r"([\w.]+): (.*)", message, re.S)
     if nested:  # a model validator naming the key it is about
@@ -159,11 +193,17 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None) -> Policy
         lines = [f"{source}: {loc}: {msg}" for loc, msg in map(_describe, exc.errors())]
         raise PolicyError(list(dict.fromkeys(lines))) from None
     grants = tuple(g.model_copy(update={"host": _resolve(g.host, base)}) for g in policy.grants)
+    mounts = tuple(m.model_copy(update={"host": _resolve(m.host, base)}) if isinstance(m, DirMount) else m
+                   for m in policy.mounts)
+    credentials = {name: c.model_copy(update={"file": _resolve(c.file, base)}) if c.file else c
+                   for name, c in policy.credentials.items()}
     problems = [f"{source}: grants.{i}.host: {p}" for i, g in enumerate(grants)
                 if (p := _host_problem(g.host))]
+    problems += [f"{source}: mounts.{i}.host: {p}" for i, m in enumerate(mounts)
+                 if isinstance(m, DirMount) and (p := _host_problem(m.host))]
     if problems:
         raise PolicyError(problems)
-    return policy.model_copy(update={"grants": grants})
+    return policy.model_copy(update={"grants": grants, "mounts": mounts, "credentials": credentials})
 
 
 def _resolve(path: Path, base: Path | None) -> Path:
@@ -227,6 +267,6 @@ def policy_or_default(path: str | os.PathLike[str] | None) -> Policy:
 
 def policy_document(policy: Policy) -> dict[str, Any]:
     """The effective policy as plain data, every default filled in (for `policy show`)."""
-    data = policy.model_dump(mode="json")
+    data = policy.model_dump(mode="json", exclude_none=True)
     data["grants"] = [{"host": str(g.host), "guest": g.guest} for g in policy.grants]
     return data

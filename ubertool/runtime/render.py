@@ -23,6 +23,8 @@ def render(result: CellResult, out: TextIO, err: TextIO, *, show_value: bool) ->
     err.write(str(result.stderr))
     if result.error is not None:
         err.write(result.error.traceback)
+    for note in result.notes:
+        err.write(f"[ubertool] {note}\n")
     if result.status not in (Status.OK, Status.ERROR, Status.MEMORY):
         note = result.message or f"output over the cap of the policy ({result.status})"
         if result.restored is not None:

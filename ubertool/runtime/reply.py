@@ -59,7 +59,7 @@ def reply(handle: str, result: CellResult, run: Run) -> ToolResult:
         if path:
             saved[part] = path
     lines = [shown["stdout"], shown["stderr"] and f"[stderr]\n{shown['stderr']}", shown["traceback"],
-             shown["value"], _status_line(result)]
+             shown["value"], *(f"[ubertool] {note}" for note in result.notes), _status_line(result)]
     footer = f"[session {handle}, cell {result.cell}, {result.duration_s:.2f} s]"
     text = "\n".join(line.rstrip("\n") for line in lines if line) + ("\n" if any(lines) else "")
     content: list[Any] = [TextContent(type="text", text=text + footer)]
@@ -85,6 +85,7 @@ def structured(handle: str, result: CellResult, shown: dict[str, str | None],
         "message": result.message,
         "duration_s": round(result.duration_s, 6),
         "images": len(result.images),
+        "notes": list(result.notes),
         "restored": None if restored is None else {
             "cells": restored.cells, "seconds": round(restored.seconds, 6), "ok": restored.ok,
             "failed_at": restored.failed_at, "reason": restored.reason},

@@ -1,7 +1,8 @@
 """A run: the unit of work (one MCP session, one `ubertool run` or `shell`, one replay).
 
-A run owns its id, the effective policy, its workspace folder, its audit log and its sandbox
-session. Later it also owns its journal entries and credentials.
+A run owns its id, the effective policy, its workspace folder, its audit log, its credentials
+(minted for it, revoked after it), its recorder and its sandbox session. Everything it hands
+back (cell results, audit events) passes its `Redactor` first.
 """
 
 from __future__ import annotations
@@ -9,16 +10,29 @@ from __future__ import annotations
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ubertool.runtime.about import about_text
 from ubertool.runtime.audit import AuditLog, code_hash
 from ubertool.runtime.home import state_home
-from ubertool.runtime.policy import Policy
-from ubertool.sandbox import CellResult, Limits, ReadOnlyGrant, SandboxConfig, SandboxSession
+from ubertool.runtime.policy import DirMount, Policy
+from ubertool.sandbox import (
+    CellError,
+    CellResult,
+    HostFolder,
+    Limits,
+    ProviderMount,
+    SandboxConfig,
+    SandboxSession,
+    Text,
+)
+from ubertool.tools.credentials import CredentialBroker
+from ubertool.tools.mounts.http import HttpMount
+from ubertool.tools.recorder import Recorder
+from ubertool.tools.redact import Redactor
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,7 @@ class Run:
     policy: Policy
     workspace: Path
     audit: AuditLog
+    redactor: Redactor
     session: SandboxSession
 
     def timeout_for(self, asked: float | None) -> float:
@@ -38,11 +53,12 @@ class Run:
 
     async def cell(self, code: str, *, timeout_s: float | None = None, echo: bool = True,
                    traceparent: str | None = None) -> CellResult:
-        """Run one cell in this run's session, with its audit events (see `SandboxSession.run`)."""
+        """Run one cell in this run's session, with its audit events (see `SandboxSession.run`).
+        The result has every secret of the run replaced by `[redacted:NAME]`."""
         timeout = self.timeout_for(timeout_s)
         self.audit.event("cell_start", code=code_hash(code), timeout_s=timeout, traceparent=traceparent)
         try:
-            result = await self.session.run(code, timeout_s=timeout, echo=echo)
+            result = redacted(await self.session.run(code, timeout_s=timeout, echo=echo), self.redactor)
         except BaseException as exc:
             self.audit.event("cell_abandoned", reason=type(exc).__name__, traceparent=traceparent)
             raise
@@ -50,9 +66,23 @@ class Run:
         self.audit.event(
             "cell_end", cell=result.cell, status=str(result.status), duration_s=round(result.duration_s, 6),
             error=result.error.type if result.error else None, traceparent=traceparent,
-            restored_cells=restored.cells if restored else None,
+            notes=list(result.notes) or None, restored_cells=restored.cells if restored else None,
             restore_ok=restored.ok if restored else None)
         return result
+
+
+def redacted(result: CellResult, redactor: Redactor) -> CellResult:
+    """`result` with the run's secrets removed from every text it carries."""
+    def text(value: Text | None) -> Text | None:
+        if value is None:
+            return None
+        return Text(redactor.text(value.head), redactor.text(value.tail), value.dropped)
+
+    error = result.error
+    if error is not None:
+        error = CellError(error.type, redactor.text(error.message), redactor.text(error.traceback))
+    return replace(result, stdout=text(result.stdout), stderr=text(result.stderr), value=text(result.value),
+                   error=error, notes=tuple(redactor.text(n) for n in result.notes))
 
 
 def new_run_id() -> str:
@@ -60,27 +90,40 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
-def sandbox_config(policy: Policy, workspace: Path) -> SandboxConfig:
-    """The sandbox's view of the policy for one run."""
+def _limits(policy: Policy) -> Limits:
     limits = policy.limits
-    return SandboxConfig(
-        workspace=workspace,
-        workspace_guest=policy.workspace.guest_path,
-        grants=tuple(ReadOnlyGrant(g.host, g.guest) for g in policy.grants),
-        limits=Limits(
-            timeout_s=limits.timeout_s,
-            memory_bytes=limits.memory_mib * 2**20,
-            output_bytes=limits.output_bytes,
-            code_bytes=limits.code_bytes,
-            restore_timeout_s=limits.max_timeout_s,
-        ),
-        about=about_text(policy),
-    )
+    return Limits(timeout_s=limits.timeout_s, memory_bytes=limits.memory_mib * 2**20,
+                  output_bytes=limits.output_bytes, code_bytes=limits.code_bytes,
+                  restore_timeout_s=limits.max_timeout_s)
+
+
+@contextmanager
+def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog,
+                   redactor: Redactor) -> Iterator[SandboxConfig]:
+    """The sandbox's view of the policy for one run, with the run's brokers (closed on exit)."""
+    recorder = Recorder()
+    folders = [HostFolder(g.host, g.guest) for g in policy.grants]
+    folders += [HostFolder(m.host, m.guest, m.writable) for m in policy.mounts if isinstance(m, DirMount)]
+    with ExitStack() as stack:
+        credentials = stack.enter_context(CredentialBroker(dict(policy.credentials), redactor,
+                                                           on_event=audit.event))
+        mounts = []
+        for spec in policy.mounts:
+            if isinstance(spec, DirMount):
+                continue
+            provider = HttpMount(spec, credentials=credentials, recorder=recorder, redactor=redactor,
+                                 on_event=audit.event)
+            stack.callback(provider.close)
+            mounts.append(ProviderMount(spec.guest, provider, spec.writable))
+        yield SandboxConfig(workspace=workspace, workspace_guest=policy.workspace.guest_path,
+                            folders=tuple(folders), mounts=tuple(mounts), recorder=recorder,
+                            limits=_limits(policy), about=about_text(policy))
 
 
 @asynccontextmanager
 async def open_run(policy: Policy, *, workspace: Path | None = None) -> AsyncIterator[Run]:
-    """Start a run: make its workspace and audit log, open its sandbox; on exit close them.
+    """Start a run: make its workspace, audit log and brokers, open its sandbox; on exit close
+    them all (credentials are revoked then).
 
     With `workspace` the given host folder (made if missing) is the workspace and is kept.
     Otherwise the run gets `<state>/runs/<id>/workspace`, removed at the end unless the
@@ -91,12 +134,14 @@ async def open_run(policy: Policy, *, workspace: Path | None = None) -> AsyncIte
     run_dir = state_home() / "runs" / run_id
     folder = (run_dir / "workspace") if own else Path(workspace).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    redactor = Redactor()
     try:
-        with AuditLog(run_dir / "audit.jsonl", run_id) as audit:
+        with AuditLog(run_dir / "audit.jsonl", run_id, redactor) as audit, \
+                sandbox_config(policy, folder, audit, redactor) as config:
             audit.event("run_start", policy=policy.source, workspace=str(folder))
             try:
-                async with SandboxSession(sandbox_config(policy, folder)) as session:
-                    yield Run(run_id, policy, folder, audit, session)
+                async with SandboxSession(config) as session:
+                    yield Run(run_id, policy, folder, audit, redactor, session)
             finally:
                 audit.event("run_end")
     finally:

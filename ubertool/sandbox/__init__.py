@@ -3,7 +3,7 @@
 This package never imports `ubertool.runtime`: it is given a `SandboxConfig`.
 """
 
-from .config import Limits, ReadOnlyGrant, SandboxConfig
+from .config import HostFolder, Limits, ProviderMount, SandboxConfig
 from .engine import GUESTLIB_GUEST, SandboxStartError, warm
 from .result import CellError, CellResult, RestoreReport, Status, Text
 from .session import SandboxSession, SessionClosed
@@ -12,8 +12,9 @@ __all__ = [
     "GUESTLIB_GUEST",
     "CellError",
     "CellResult",
+    "HostFolder",
     "Limits",
-    "ReadOnlyGrant",
+    "ProviderMount",
     "RestoreReport",
     "SandboxConfig",
     "SandboxSession",

@@ -1,4 +1,4 @@
-"""What a sandbox session is given: its limits, its workspace and its read-only grants.
+"""What a sandbox session is given: limits, workspace, host folders, mounts and the recorder.
 
 The runtime builds these from the policy; the sandbox never reads a policy itself.
 """
@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ubertool.tools.mounts import Provider
+from ubertool.tools.recorder import Recorder
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,22 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class ReadOnlyGrant:
-    """A host folder the guest sees, read-only, at `guest` (an absolute guest path)."""
+class HostFolder:
+    """A host folder the guest sees at `guest` (an absolute guest path), read-only unless
+    `writable`. A writable one is set aside during a restore, as the workspace is."""
 
     host: Path
     guest: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class ProviderMount:
+    """Files served by a provider (`ubertool.tools.mounts`) at `guest`."""
+
+    guest: str
+    provider: Provider
+    writable: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,12 +53,15 @@ class SandboxConfig:
     """Everything one session needs.
 
     `workspace` is the host folder the guest sees, writable, at `workspace_guest`; it must
-    exist. Nothing else of the host is visible but `grants`. `about` is what the guest's
-    `ubertool.about()` prints: the folders and limits, in words for the code's author.
+    exist. Nothing else of the host is visible but `folders` and `mounts`. Every provider
+    request goes through `recorder`, so a restore replays it instead of sending it again.
+    `about` is what the guest's `ubertool.about()` prints.
     """
 
     workspace: Path
     workspace_guest: str = "/workspace"
-    grants: tuple[ReadOnlyGrant, ...] = ()
+    folders: tuple[HostFolder, ...] = ()
+    mounts: tuple[ProviderMount, ...] = ()
+    recorder: Recorder = field(default_factory=Recorder)
     limits: Limits = field(default_factory=Limits)
     about: str = ""

