@@ -26,7 +26,7 @@ from ubertool.tools.redact import Redactor
 EventSink = Callable[..., None]
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
-_REFRESH_EARLY_S = 5.0  # refresh a token this long before it expires
+_REFRESH_EARLY_S = 5.0  # refresh a token this long before it expires (a tenth of a short one)
 
 
 class CredentialSpec(BaseModel):
@@ -75,7 +75,7 @@ class CredentialError(PermissionError):
 @dataclass
 class _Token:
     value: str
-    expires_at: float  # monotonic; inf for static secrets
+    refresh_at: float  # monotonic; inf for static secrets
     scope: str | None
 
 
@@ -112,7 +112,7 @@ class CredentialBroker:
                                   f"(policy credentials.{name}.methods)")
         with self._lock:
             token = self._tokens.get(name)
-            if token is None or time.monotonic() >= token.expires_at - _REFRESH_EARLY_S:
+            if token is None or time.monotonic() >= token.refresh_at:
                 if token is not None:
                     self._redactor.forget(token.value)
                 token = self._tokens[name] = self._obtain(name, spec)
@@ -184,7 +184,7 @@ class CredentialBroker:
         scope = body.get("scope", spec.scope)
         self._on_event("credential_minted", credential=name, scope=scope, ttl_s=ttl,
                        duration_s=round(time.monotonic() - started, 6))
-        return _Token(str(body["access_token"]), started + ttl, scope)
+        return _Token(str(body["access_token"]), started + ttl - min(_REFRESH_EARLY_S, ttl / 10), scope)
 
 
 def _env(variable: str, what: str) -> str:
