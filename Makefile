@@ -31,6 +31,7 @@ test: setup lint
 bench: setup
 	$(BIN)/python bench/sandbox.py
 	$(BIN)/python bench/mcp_server.py
+	$(BIN)/python bench/mounts.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -20,7 +20,8 @@ Json = dict[str, Any]
 
 @dataclass(frozen=True)
 class Exchange:
-    """One crossing: what was asked (`request`) and what came back (`response`), JSON-able."""
+    """One crossing: what was asked (`request`) and what came back (`response`): JSON values,
+    and bytes for bodies (whoever stores an exchange encodes those)."""
 
     kind: str
     request: Json

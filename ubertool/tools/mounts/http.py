@@ -12,7 +12,6 @@ Every request is recorded (`Recorder`), audited, and stripped of the run's secre
 
 from __future__ import annotations
 
-import base64
 import errno
 import hashlib
 import ipaddress
@@ -259,7 +258,7 @@ class HttpMount:
             with self._lock:
                 self._notes.append(f"mount {self.spec.name}: {method} {path} answered HTTP {status}")
             raise OSError(errno.EIO, f"{method} {path}: HTTP {status}")
-        return base64.b64decode(response.get("body", ""))
+        return bytes(response.get("body", b""))
 
     def _perform(self, method: str, url: str, body: bytes | None) -> Json:
         """Send one request (following same-origin redirects, retrying idempotent failures)."""
@@ -288,7 +287,7 @@ class HttpMount:
 
     def _send(self, method: str, url: str, body: bytes | None) -> Json:
         if method == "GET" and url in self._cache:
-            return {"status": 200, "body": base64.b64encode(self._cache[url]).decode()}
+            return {"status": 200, "body": self._cache[url]}
         target = url
         for _ in range(_MAX_REDIRECTS + 1):
             self._check_address(target)
@@ -313,7 +312,7 @@ class HttpMount:
                 self._cache[url] = body
             elif method == "DELETE":
                 self._cache.pop(url, None)
-        return {"status": status, "body": base64.b64encode(data).decode(), "bytes": len(data)}
+        return {"status": status, "body": data, "bytes": len(data)}
 
     def _exchange_once(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes, str | None]:
         headers = {}
