@@ -7,6 +7,7 @@ Every capability is denied unless the policy grants it. `load_policy(path)` read
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import re
@@ -122,6 +123,8 @@ class Policy(_Section):
     # A section a later release fills; declared so an operator learns it is not in force yet.
     tools: dict[str, Any] = Field(default_factory=dict, max_length=0)
     source: str = Field(DEFAULT_POLICY_NAME, exclude=True)
+    sha256: str = Field("", exclude=True)  # of the file's text, so a playbook knows its policy
+    path: Path | None = Field(None, exclude=True)  # the file, resolved; None for the embedded one
 
     @model_validator(mode="after")
     def _places_fit(self) -> Policy:
@@ -181,14 +184,14 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
     return loc or "(top level)", message
 
 
-def parse_policy(data: dict[str, Any], source: str, base: Path | None) -> Policy:
+def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: Any) -> Policy:
     """Validate parsed TOML. Relative grant paths are resolved against `base`.
 
     Raises:
         PolicyError: one line per problem, as `source: key.path: message`.
     """
     try:
-        policy = Policy.model_validate({**data, "source": source})
+        policy = Policy.model_validate({**data, "source": source, **facts})
     except ValidationError as exc:
         lines = [f"{source}: {loc}: {msg}" for loc, msg in map(_describe, exc.errors())]
         raise PolicyError(list(dict.fromkeys(lines))) from None
@@ -238,10 +241,10 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError([f"{path}: cannot read the policy file: {exc.strerror or exc}"]) from None
-    return _parse_text(text, str(path), path.resolve().parent)
+    return _parse_text(text, str(path), path.resolve().parent, path=path.resolve())
 
 
-def _parse_text(text: str, source: str, base: Path | None) -> Policy:
+def _parse_text(text: str, source: str, base: Path | None, path: Path | None = None) -> Policy:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -249,7 +252,8 @@ def _parse_text(text: str, source: str, base: Path | None) -> Policy:
         where = f"{source}:{found.group(1)}" if found else source
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise PolicyError([f"{where}: TOML syntax error: {reason}"]) from None
-    return parse_policy(data, source, base)
+    return parse_policy(data, source, base, path=path,
+                        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
 def default_policy_text() -> str:

@@ -1,23 +1,28 @@
 """A run: the unit of work (one MCP session, one `ubertool run` or `shell`, one replay).
 
-A run owns its id, the effective policy, its workspace folder, its audit log, its credentials
-(minted for it, revoked after it), its recorder and its sandbox session. Everything it hands
-back (cell results, audit events) passes its `Redactor` first.
+A run owns its id, the effective policy, its workspace folder, its audit log, its journal
+entries, its credentials (minted for it, revoked after it), its recorder and its sandbox
+session. Everything it hands back (cell results, audit events, journal) passes its `Redactor`
+first. The guest's `ubertool.save_playbook(...)` is a host tool of the run.
 """
 
 from __future__ import annotations
 
 import secrets
 import shutil
+import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import ExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from ubertool.playbooks.dump import dump, write_playbook
 from ubertool.runtime.about import about_text
 from ubertool.runtime.audit import AuditLog, code_hash
 from ubertool.runtime.home import state_home
+from ubertool.runtime.journal import Journal, JournalCell
 from ubertool.runtime.policy import DirMount, Policy
 from ubertool.sandbox import (
     CellError,
@@ -29,10 +34,22 @@ from ubertool.sandbox import (
     SandboxSession,
     Text,
 )
+from ubertool.tools import ToolFailure
 from ubertool.tools.credentials import CredentialBroker
 from ubertool.tools.mounts.http import HttpMount
-from ubertool.tools.recorder import Recorder
+from ubertool.tools.recorder import Exchange, Recorder
 from ubertool.tools.redact import Redactor
+
+
+@dataclass
+class RunRecord:
+    """What a run has done so far (mutable; the journal holds the durable copy)."""
+
+    id: str
+    kind: str
+    policy: Policy
+    cells: list[JournalCell] = field(default_factory=list)
+    session: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,14 @@ class Run:
     audit: AuditLog
     redactor: Redactor
     session: SandboxSession
+    record: RunRecord
+    journal: Journal | None = None
+
+    def name_session(self, handle: str) -> None:
+        """Record the MCP session handle this run serves."""
+        self.record.session = handle
+        if self.journal is not None:
+            self.journal.name_session(self.id, handle)
 
     def timeout_for(self, asked: float | None) -> float:
         """The time limit of a cell: what the caller asked, capped by the policy."""
@@ -62,6 +87,10 @@ class Run:
         except BaseException as exc:
             self.audit.event("cell_abandoned", reason=type(exc).__name__, traceparent=traceparent)
             raise
+        journaled = JournalCell.of(self.redactor.text(code), result, result.exchanges)
+        self.record.cells.append(journaled)
+        if self.journal is not None:
+            self.journal.add_cell(self.id, journaled)
         restored = result.restored
         self.audit.event(
             "cell_end", cell=result.cell, status=str(result.status), duration_s=round(result.duration_s, 6),
@@ -97,14 +126,61 @@ def _limits(policy: Policy) -> Limits:
                   restore_timeout_s=limits.max_timeout_s)
 
 
+def source_facts(record: RunRecord) -> dict[str, Any]:
+    """What a playbook's header says of the run it came from (names only, never secrets)."""
+    policy = record.policy
+    return {"run": record.id, "session": record.session,
+            "policy": str(policy.path) if policy.path else None, "policy_sha256": policy.sha256,
+            "mounts": [f"{m.name} ({m.kind} {m.guest})" for m in policy.mounts],
+            "credentials": sorted(policy.credentials),
+            "ubertool": shutil.which("ubertool") or str(Path(sys.executable).with_name("ubertool"))}
+
+
+def playbook_tool(record: RunRecord, recorder: Recorder) -> Callable[..., dict[str, Any]]:
+    """The host side of the guest's `ubertool.save_playbook`."""
+    def save_playbook(name: str, description: str = "",
+                      params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Save this session's successful cells as a playbook a person replays from a shell.
+
+        Args:
+            name: The playbook's name: letters, digits, '.', '_' and '-'.
+            description: One line on what it does.
+            params: Top-level variables a person may override when replaying, with their defaults.
+        """
+        arguments = {"name": name, "description": description, "params": params or {}}
+
+        def perform() -> dict[str, Any]:
+            try:
+                text, recording = dump(record.cells, name=name, description=description,
+                                       params=params or {}, source=source_facts(record))
+            except ValueError as exc:
+                return {"error": str(exc)}
+            path = write_playbook(playbooks_home() / f"{name}.py", text, recording)
+            return {"playbook": name, "path": str(path), "cells": len(recording["cells"]),
+                    "replay": f"ubertool replay {path}"}
+
+        answer = recorder.exchange("tool", {"tool": "save_playbook", "arguments": arguments}, perform)
+        if "error" in answer:
+            raise ToolFailure(answer["error"])
+        return answer
+    return save_playbook
+
+
+def playbooks_home() -> Path:
+    return state_home() / "playbooks"
+
+
 @contextmanager
-def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog,
-                   redactor: Redactor) -> Iterator[SandboxConfig]:
-    """The sandbox's view of the policy for one run, with the run's brokers (closed on exit)."""
+def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: Redactor,
+                   record: RunRecord, replay: Sequence[Exchange] | None = None) -> Iterator[SandboxConfig]:
+    """The sandbox's view of the policy for one run, with the run's brokers (closed on exit).
+    With `replay`, every outside exchange is answered from it and nothing is sent."""
     recorder = Recorder()
     folders = [HostFolder(g.host, g.guest) for g in policy.grants]
     folders += [HostFolder(m.host, m.guest, m.writable) for m in policy.mounts if isinstance(m, DirMount)]
     with ExitStack() as stack:
+        if replay is not None:
+            stack.enter_context(recorder.replaying(replay))
         credentials = stack.enter_context(CredentialBroker(dict(policy.credentials), redactor,
                                                            on_event=audit.event))
         mounts = []
@@ -117,13 +193,16 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog,
             mounts.append(ProviderMount(spec.guest, provider, spec.writable))
         yield SandboxConfig(workspace=workspace, workspace_guest=policy.workspace.guest_path,
                             folders=tuple(folders), mounts=tuple(mounts), recorder=recorder,
+                            tools=(playbook_tool(record, recorder),),
                             limits=_limits(policy), about=about_text(policy))
 
 
 @asynccontextmanager
-async def open_run(policy: Policy, *, workspace: Path | None = None) -> AsyncIterator[Run]:
+async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Journal | None = None,
+                   kind: str = "run", replay: Sequence[Exchange] | None = None) -> AsyncIterator[Run]:
     """Start a run: make its workspace, audit log and brokers, open its sandbox; on exit close
-    them all (credentials are revoked then).
+    them all (credentials are revoked then). `kind` (mcp, run, shell, replay) goes to the
+    journal, when one is given; `replay` answers outside exchanges from a recording.
 
     With `workspace` the given host folder (made if missing) is the workspace and is kept.
     Otherwise the run gets `<state>/runs/<id>/workspace`, removed at the end unless the
@@ -135,15 +214,20 @@ async def open_run(policy: Policy, *, workspace: Path | None = None) -> AsyncIte
     folder = (run_dir / "workspace") if own else Path(workspace).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     redactor = Redactor()
+    record = RunRecord(run_id, kind, policy)
     try:
         with AuditLog(run_dir / "audit.jsonl", run_id, redactor) as audit, \
-                sandbox_config(policy, folder, audit, redactor) as config:
-            audit.event("run_start", policy=policy.source, workspace=str(folder))
+                sandbox_config(policy, folder, audit, redactor, record, replay) as config:
+            audit.event("run_start", run_kind=kind, policy=policy.source, workspace=str(folder))
+            if journal is not None:
+                journal.start_run(run_id, kind, policy.source, policy.sha256)
             try:
                 async with SandboxSession(config) as session:
-                    yield Run(run_id, policy, folder, audit, redactor, session)
+                    yield Run(run_id, policy, folder, audit, redactor, session, record, journal)
             finally:
                 audit.event("run_end")
+                if journal is not None:
+                    journal.end_run(run_id)
     finally:
         if own and not policy.workspace.keep:
             shutil.rmtree(folder, ignore_errors=True)

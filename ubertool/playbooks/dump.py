@@ -1,0 +1,119 @@
+"""Journal -> playbook: the session's successful cells, in order, as a replayable script.
+
+Failed cells are left out. Cells that only inspect (a bare name, `df.head()`, `print(x)`, ...)
+are kept as comments. A parameter's literal top-level assignment (`region = "EMEA"`) is taken
+out of the cells, so the `# %% parameters` section, which a person can override, decides it.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ubertool.playbooks.format import FORMAT, Draft, render
+from ubertool.runtime.journal import JournalCell, encode_exchanges
+
+_KEPT = frozenset({"ok", "output_truncated"})
+_INSPECT_CALLS = frozenset({"print", "len", "type", "dir", "help", "repr", "sorted", "list", "vars",
+                            "head", "tail", "describe", "info", "keys", "values", "items", "about"})
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _inspects_only(code: str) -> bool:
+    try:
+        body = ast.parse(code).body
+    except SyntaxError:
+        return False
+
+    def looks(node: ast.expr) -> bool:
+        if isinstance(node, ast.Name | ast.Constant | ast.Attribute | ast.Subscript):
+            return True
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            return name in _INSPECT_CALLS
+        return isinstance(node, ast.Tuple) and all(looks(e) for e in node.elts)
+
+    return bool(body) and all(isinstance(s, ast.Expr) and looks(s.value) for s in body)
+
+
+def _without_parameters(code: str, names: set[str]) -> str:
+    """`code` minus its top-level `name = <literal>` lines for parameter names."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return code
+    lines = code.splitlines(keepends=True)
+    drop: set[int] = set()
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in names and node.end_lineno is not None):
+            try:
+                ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            drop.update(range(node.lineno - 1, node.end_lineno))
+    return "".join(line for i, line in enumerate(lines) if i not in drop)
+
+
+def dump(cells: Sequence[JournalCell], *, name: str, description: str, params: dict[str, Any],
+         source: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The playbook text and its recording, from a run's journaled cells.
+
+    `source` carries the header facts: run, session, policy (path or None) and its sha256,
+    mounts and credentials (names only), and the ubertool executable.
+
+    Raises:
+        ValueError: a bad name or parameter name, or no successful cell to keep.
+    """
+    if not NAME.match(name):
+        raise ValueError(f"playbook name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    for param in params:
+        if not param.isidentifier():
+            raise ValueError(f"parameter {param!r} is not a Python name")
+    recording_name = f"{name}.recording.json"
+    header = {"format": FORMAT, "name": name, "params": sorted(params), "recording": recording_name,
+              "dumped": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **source}
+    draft = Draft(name, description, header, dict(params))
+    recorded: list[dict[str, Any]] = []
+    for cell in cells:
+        if cell.status not in _KEPT:
+            continue
+        if _inspects_only(cell.code):
+            draft.comments.append((cell.number, "it only inspects", cell.code))
+            continue
+        code = _without_parameters(cell.code, set(params))
+        if not code.strip():
+            continue
+        draft.cells.append((cell.number, code))
+        recorded.append({"number": cell.number, "stdout": cell.stdout, "value": cell.value,
+                         "exchanges": json.loads(encode_exchanges(cell.exchanges))})
+    if not draft.cells:
+        raise ValueError("the session has no successful cell to keep")
+    draft.docs = _docs(source, params)
+    return render(draft), {"format": FORMAT, "playbook": name, "cells": recorded}
+
+
+def _docs(source: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    policy = source.get("policy") or "<embedded default policy>"
+    lines = [f"Source: session {source.get('session') or '-'}, run {source.get('run')}",
+             f"Policy: {policy} (sha256:{source.get('policy_sha256', '')[:16]})",
+             f"Mounts: {', '.join(source.get('mounts', [])) or 'none'}",
+             f"Credentials: {', '.join(source.get('credentials', [])) or 'none'}",
+             f"Parameters: {', '.join(f'{k} (default {v!r})' for k, v in params.items()) or 'none'}"]
+    return lines
+
+
+def write_playbook(path: Path, text: str, recording: dict[str, Any]) -> Path:
+    """Write the playbook (executable) and its recording beside it; returns the playbook path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o755)
+    path.with_name(f"{recording['playbook']}.recording.json").write_text(
+        json.dumps(recording, indent=1), encoding="utf-8")
+    return path

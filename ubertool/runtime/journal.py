@@ -1,0 +1,167 @@
+"""The journal: every run and cell, durably, with the outside exchanges each cell caused.
+
+SQLite in `$UBERTOOL_HOME/journal.sqlite` (WAL, so a CLI can read while a server writes). It
+survives restarts; playbooks are dumped from it. Texts are stored after redaction; exchange
+bodies (bytes) as base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ubertool.sandbox import CellResult
+from ubertool.tools.recorder import Exchange
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, started TEXT NOT NULL, ended TEXT,
+    policy_source TEXT NOT NULL, policy_sha256 TEXT NOT NULL, session TEXT
+);
+CREATE TABLE IF NOT EXISTS cells (
+    run_id TEXT NOT NULL, number INTEGER NOT NULL, code TEXT NOT NULL, status TEXT NOT NULL,
+    stdout TEXT NOT NULL, stderr TEXT NOT NULL, value TEXT, error_type TEXT, traceback TEXT,
+    duration_s REAL NOT NULL, at TEXT NOT NULL, exchanges TEXT NOT NULL,
+    PRIMARY KEY (run_id, number)
+);
+"""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def encode_exchanges(exchanges: Sequence[Exchange]) -> str:
+    def plain(value: Any) -> Any:
+        if isinstance(value, bytes | bytearray):
+            return {"$b64": base64.b64encode(value).decode()}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return json.dumps([{"kind": e.kind, "request": e.request, "response": plain(e.response)}
+                       for e in exchanges])
+
+
+def decode_exchanges(text: str) -> tuple[Exchange, ...]:
+    def rich(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {"$b64"}:
+                return base64.b64decode(value["$b64"])
+            return {k: rich(v) for k, v in value.items()}
+        return value
+    return tuple(Exchange(e["kind"], e["request"], rich(e["response"])) for e in json.loads(text))
+
+
+@dataclass(frozen=True)
+class JournalCell:
+    """One cell as the journal keeps it."""
+
+    number: int
+    code: str
+    status: str
+    stdout: str
+    stderr: str
+    value: str | None
+    error_type: str | None
+    traceback: str | None
+    duration_s: float
+    exchanges: tuple[Exchange, ...] = ()
+
+    @classmethod
+    def of(cls, code: str, result: CellResult, exchanges: Sequence[Exchange]) -> JournalCell:
+        error = result.error
+        return cls(result.cell, code, str(result.status), str(result.stdout), str(result.stderr),
+                   None if result.value is None else str(result.value), error.type if error else None,
+                   error.traceback if error else None, result.duration_s, tuple(exchanges))
+
+
+@dataclass(frozen=True)
+class JournalRun:
+    id: str
+    kind: str
+    started: str
+    ended: str | None
+    policy_source: str
+    policy_sha256: str
+    session: str | None
+    cells: int
+
+
+class Journal:
+    """One connection to the journal; use as a context manager, from one thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def __enter__(self) -> Journal:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the journal is closed")
+        return self._db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self.db:  # one transaction
+            yield self.db
+
+    def start_run(self, run_id: str, kind: str, policy_source: str, policy_sha256: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO runs (id, kind, started, policy_source, policy_sha256) "
+                       "VALUES (?,?,?,?,?)", (run_id, kind, _now(), policy_source, policy_sha256))
+
+    def name_session(self, run_id: str, session: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE runs SET session = ? WHERE id = ?", (session, run_id))
+
+    def end_run(self, run_id: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE runs SET ended = ? WHERE id = ?", (_now(), run_id))
+
+    def add_cell(self, run_id: str, cell: JournalCell) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (run_id, cell.number, cell.code, cell.status, cell.stdout, cell.stderr, cell.value,
+                        cell.error_type, cell.traceback, cell.duration_s, _now(),
+                        encode_exchanges(cell.exchanges)))
+
+    def runs(self, limit: int = 50) -> list[JournalRun]:
+        rows = self.db.execute(
+            "SELECT r.id, r.kind, r.started, r.ended, r.policy_source, r.policy_sha256, r.session, "
+            "(SELECT COUNT(*) FROM cells c WHERE c.run_id = r.id) FROM runs r "
+            "ORDER BY r.started DESC, r.id DESC LIMIT ?", (limit,)).fetchall()
+        return [JournalRun(*row) for row in rows]
+
+    def find_run(self, ref: str) -> JournalRun | None:
+        """A run by its id, a unique prefix of it, or its session handle."""
+        row = self.db.execute(
+            "SELECT r.id, r.kind, r.started, r.ended, r.policy_source, r.policy_sha256, r.session, "
+            "(SELECT COUNT(*) FROM cells c WHERE c.run_id = r.id) FROM runs r "
+            "WHERE r.id = ? OR r.session = ? OR r.id LIKE ? ORDER BY r.started DESC LIMIT 2",
+            (ref, ref, ref + "%")).fetchall()
+        return JournalRun(*row[0]) if len(row) == 1 or (row and ref in (row[0][0], row[0][6])) else None
+
+    def cells(self, run_id: str) -> list[JournalCell]:
+        rows = self.db.execute(
+            "SELECT number, code, status, stdout, stderr, value, error_type, traceback, duration_s, "
+            "exchanges FROM cells WHERE run_id = ? ORDER BY number", (run_id,)).fetchall()
+        return [JournalCell(*row[:9], decode_exchanges(row[9])) for row in rows]
