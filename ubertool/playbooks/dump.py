@@ -1,6 +1,6 @@
 """Journal -> playbook: the session's successful cells, in order, as a replayable script.
 
-Failed cells are left out. Cells that only inspect (a bare name, `df.head()`, `print(x)`, ...)
+Failed cells are left out. Cells that only inspect (a bare name, `df.head()`, `len(x)`, ...)
 are kept as comments. A parameter's literal top-level assignment (`region = "EMEA"`) is taken
 out of the cells, so the `# %% parameters` section, which a person can override, decides it.
 """
@@ -19,7 +19,8 @@ from ubertool.playbooks.format import FORMAT, Draft, render
 from ubertool.runtime.journal import JournalCell, encode_exchanges
 
 _KEPT = frozenset({"ok", "output_truncated"})
-_INSPECT_CALLS = frozenset({"print", "len", "type", "dir", "help", "repr", "sorted", "list", "vars",
+# Looking at data; print() is left out on purpose: what a cell prints is what a replay shows.
+_INSPECT_CALLS = frozenset({"len", "type", "dir", "help", "repr", "sorted", "list", "vars",
                             "head", "tail", "describe", "info", "keys", "values", "items", "about"})
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

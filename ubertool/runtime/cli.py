@@ -5,6 +5,8 @@ Exit codes: 0 done; 1 a cell failed; 2 a usage or policy error.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -16,7 +18,9 @@ import click
 import tomli_w
 
 from ubertool import __version__
+from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import (
+    DEFAULT_POLICY_NAME,
     Policy,
     PolicyError,
     load_policy,
@@ -31,7 +35,7 @@ from ubertool.sandbox import SandboxStartError
 POLICY_HELP = "The policy file (TOML). Default: the embedded policy (only a workspace)."
 
 
-def _policy(path: str | None) -> Policy:
+def _policy(path: str | Path | None) -> Policy:
     try:
         return policy_or_default(path)
     except PolicyError as exc:
@@ -83,8 +87,9 @@ def run(policy_path: str | None, workspace: Path | None, code: str | None,
     policy = _policy(policy_path)
 
     async def go() -> bool:
-        async with open_run(policy, workspace=workspace) as r:
-            result = await r.cell(source, timeout_s=timeout_s, echo=False)
+        with Journal(default_journal_path()) as journal:
+            async with open_run(policy, workspace=workspace, journal=journal) as r:
+                result = await r.cell(source, timeout_s=timeout_s, echo=False)
         render(result, sys.stdout, sys.stderr, show_value=False)
         return result.failed
 
@@ -114,6 +119,122 @@ def serve(policy_path: str | None, transport: str, host: str, port: int) -> None
     if transport == "http":
         click.echo(f"ubertool serving MCP at http://{host}:{port}/mcp (policy: {policy.source})", err=True)
     _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port))
+
+
+@main.command()
+@click.argument("playbook", type=click.Path(dir_okay=False, path_type=Path))
+@policy_option
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Override a parameter (VALUE is read as a Python literal when it is one).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document, for machines.")
+@click.option("--check", is_flag=True, help="Compare each cell's output with the dumped session's (exit 3).")
+@click.option("--offline", is_flag=True, help="Answer mount reads and tool calls from the recording.")
+def replay(playbook: Path, policy_path: str | None, params: tuple[str, ...], as_json: bool, check: bool,
+           offline: bool) -> None:
+    """Replay a PLAYBOOK in the sandbox, under its policy.
+
+    Exit codes: 0 done, 1 a cell failed, 2 usage or policy error, 3 --check found a difference.
+    """
+    from ubertool.playbooks.format import PlaybookError, read_playbook
+    from ubertool.playbooks.replay import (
+        USAGE,
+        ReplayUsageError,
+        parse_overrides,
+        preflight,
+        resolve_policy_path,
+    )
+    from ubertool.playbooks.replay import replay as run_playbook
+
+    try:
+        book = read_playbook(playbook)
+        policy = _policy(resolve_policy_path(book, policy_path))
+        overrides = parse_overrides(list(params), book)
+        for warning in preflight(book, policy, offline=offline):
+            click.echo(warning, err=True)
+    except (PlaybookError, ReplayUsageError) as exc:
+        click.echo(f"ubertool replay: {exc}", err=True)
+        sys.exit(USAGE)
+
+    async def go() -> Any:
+        with Journal(default_journal_path()) as journal:
+            return await run_playbook(book, policy, overrides, check=check, offline=offline,
+                                      as_json=as_json, journal=journal)
+
+    try:
+        outcome = _sandboxed(anyio.run, go)
+    except ReplayUsageError as exc:
+        click.echo(f"ubertool replay: {exc}", err=True)
+        sys.exit(USAGE)
+    if as_json:
+        click.echo(json.dumps({"playbook": str(playbook), "exit_code": outcome.exit_code,
+                               "failed_cell": outcome.failed_cell, "differences": outcome.differences,
+                               "cells": outcome.cells}, indent=1))
+    sys.exit(outcome.exit_code)
+
+
+@main.group()
+def sessions() -> None:
+    """List journaled sessions, or dump one as a playbook."""
+
+
+@sessions.command("list")
+@click.option("--limit", type=int, default=20, show_default=True)
+def sessions_list(limit: int) -> None:
+    """The latest runs in the journal, newest first."""
+    with Journal(default_journal_path()) as journal:
+        runs = journal.runs(limit)
+    if not runs:
+        click.echo("No sessions in the journal yet.")
+        return
+    click.echo(f"{'RUN':<26} {'KIND':<7} {'STARTED':<26} {'CELLS':>5}  SESSION")
+    for r in runs:
+        click.echo(f"{r.id:<26} {r.kind:<7} {r.started:<26} {r.cells:>5}  {r.session or '-'}")
+
+
+@sessions.command("dump")
+@click.argument("ref")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the playbook, e.g. playbooks/NAME.py.")
+@click.option("--name", help="The playbook's name (default: the output file's name).")
+@click.option("--description", default="", help="One line on what it does.")
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="A parameter a person may override, with its default.")
+def sessions_dump(ref: str, output: Path, name: str | None, description: str,
+                  params: tuple[str, ...]) -> None:
+    """Write the session REF (a run id, a prefix of one, or a session handle) as a playbook."""
+    import ast
+
+    from ubertool.playbooks.dump import dump, write_playbook
+    from ubertool.runtime.runs import RunRecord, source_facts
+
+    defaults: dict[str, Any] = {}
+    for pair in params:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise click.UsageError(f"-p {pair!r}: write it as NAME=VALUE")
+        try:
+            defaults[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            defaults[key] = raw
+    with Journal(default_journal_path()) as journal:
+        found = journal.find_run(ref)
+        if found is None:
+            click.echo(f"ubertool: no single session matches {ref!r}; `ubertool sessions list` lists them",
+                       err=True)
+            sys.exit(2)
+        cells = journal.cells(found.id)
+    policy = _policy(None if found.policy_source == DEFAULT_POLICY_NAME else found.policy_source)
+    source = source_facts(RunRecord(found.id, found.kind, policy, cells, found.session))
+    if policy.path is not None:  # relative to the playbook, so the two can move together
+        source["policy"] = os.path.relpath(policy.path, output.resolve().parent)
+    try:
+        text, recording = dump(cells, name=name or output.stem, description=description, params=defaults,
+                               source=source)
+    except ValueError as exc:
+        click.echo(f"ubertool: {exc}", err=True)
+        sys.exit(2)
+    path = write_playbook(output, text, recording)
+    click.echo(f"Wrote {path} ({len(recording['cells'])} cells). Replay it: ubertool replay {path}")
 
 
 @main.command()

@@ -11,12 +11,14 @@ import base64
 import datetime as dt
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ubertool.runtime.home import state_home
 from ubertool.sandbox import CellResult
 from ubertool.tools.recorder import Exchange
 
@@ -95,15 +97,16 @@ class JournalRun:
 
 
 class Journal:
-    """One connection to the journal; use as a context manager, from one thread."""
+    """One connection to the journal; use as a context manager. Thread-safe (one lock)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=10)
+        self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         return self
@@ -121,8 +124,12 @@ class Journal:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self.db:  # one transaction
+        with self._lock, self.db:  # one transaction at a time
             yield self.db
+
+    def _read(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
 
     def start_run(self, run_id: str, kind: str, policy_source: str, policy_sha256: str) -> None:
         with self._write() as db:
@@ -145,23 +152,27 @@ class Journal:
                         encode_exchanges(cell.exchanges)))
 
     def runs(self, limit: int = 50) -> list[JournalRun]:
-        rows = self.db.execute(
+        rows = self._read(
             "SELECT r.id, r.kind, r.started, r.ended, r.policy_source, r.policy_sha256, r.session, "
             "(SELECT COUNT(*) FROM cells c WHERE c.run_id = r.id) FROM runs r "
-            "ORDER BY r.started DESC, r.id DESC LIMIT ?", (limit,)).fetchall()
+            "ORDER BY r.started DESC, r.id DESC LIMIT ?", (limit,))
         return [JournalRun(*row) for row in rows]
 
     def find_run(self, ref: str) -> JournalRun | None:
         """A run by its id, a unique prefix of it, or its session handle."""
-        row = self.db.execute(
+        row = self._read(
             "SELECT r.id, r.kind, r.started, r.ended, r.policy_source, r.policy_sha256, r.session, "
             "(SELECT COUNT(*) FROM cells c WHERE c.run_id = r.id) FROM runs r "
             "WHERE r.id = ? OR r.session = ? OR r.id LIKE ? ORDER BY r.started DESC LIMIT 2",
-            (ref, ref, ref + "%")).fetchall()
+            (ref, ref, ref + "%"))
         return JournalRun(*row[0]) if len(row) == 1 or (row and ref in (row[0][0], row[0][6])) else None
 
     def cells(self, run_id: str) -> list[JournalCell]:
-        rows = self.db.execute(
+        rows = self._read(
             "SELECT number, code, status, stdout, stderr, value, error_type, traceback, duration_s, "
-            "exchanges FROM cells WHERE run_id = ? ORDER BY number", (run_id,)).fetchall()
+            "exchanges FROM cells WHERE run_id = ? ORDER BY number", (run_id,))
         return [JournalCell(*row[:9], decode_exchanges(row[9])) for row in rows]
+
+
+def default_journal_path() -> Path:
+    return state_home() / "journal.sqlite"

@@ -7,6 +7,7 @@ result with `isError`, never a protocol error; a client's cancellation stops the
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any
 
@@ -17,9 +18,12 @@ from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from ubertool import __version__
+from ubertool.playbooks.dump import NAME
 from ubertool.runtime.about import tool_description
+from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.reply import refusal, reply
+from ubertool.runtime.runs import playbooks_home
 from ubertool.runtime.sessions import SessionError, SessionManager
 from ubertool.sandbox import SessionClosed
 
@@ -90,14 +94,37 @@ def build_server(manager: SessionManager) -> FastMCP[Any]:
                 annotations=ToolAnnotations(title="Python sandbox", readOnlyHint=False,
                                             destructiveHint=False, idempotentHint=False,
                                             openWorldHint=False))
+    _add_playbook_resources(server)
     return server
+
+
+def _add_playbook_resources(server: FastMCP[Any]) -> None:
+    """Saved playbooks as resources: `playbook://index` lists them, `playbook://NAME` is one."""
+
+    @server.resource("playbook://index", mime_type="application/json",
+                     description="The playbooks saved with ubertool.save_playbook(), by name.")
+    def playbook_index() -> str:
+        folder = playbooks_home()
+        names = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
+        return json.dumps({"playbooks": names, "folder": str(folder)})
+
+    @server.resource("playbook://{name}", mime_type="text/x-python",
+                     description="One saved playbook's Python source.")
+    def playbook_source(name: str) -> str:
+        if not NAME.match(name):
+            raise ValueError(f"no playbook named {name!r}")
+        path = playbooks_home() / f"{name}.py"
+        if not path.is_file():
+            raise ValueError(f"no playbook named {name!r}; playbook://index lists them")
+        return path.read_text(encoding="utf-8")
 
 
 async def serve(policy: Policy, transport: str, *, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve until the transport ends (stdin closed, or the process is stopped)."""
-    async with SessionManager(policy).running() as manager:
-        server = build_server(manager)
-        if transport == "http":
-            await server.run_async("http", show_banner=False, host=host, port=port)
-        else:
-            await server.run_async("stdio", show_banner=False)
+    with Journal(default_journal_path()) as journal:
+        async with SessionManager(policy, journal=journal).running() as manager:
+            server = build_server(manager)
+            if transport == "http":
+                await server.run_async("http", show_banner=False, host=host, port=port)
+            else:
+                await server.run_async("stdio", show_banner=False)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from ubertool.runtime.journal import Journal
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.runs import Run, open_run
 
@@ -35,8 +36,9 @@ class _Live:
 class SessionManager:
     """Opens, finds and closes sessions; an async context manager that closes all on exit."""
 
-    def __init__(self, policy: Policy, *, reap_every_s: float = 5.0) -> None:
+    def __init__(self, policy: Policy, *, journal: Journal | None = None, reap_every_s: float = 5.0) -> None:
         self.policy = policy
+        self.journal = journal
         self._live: dict[str, _Live] = {}
         self._by_key: dict[str, str] = {}
         self._lock = anyio.Lock()
@@ -91,7 +93,8 @@ class SessionManager:
                 f"(after {self.policy.limits.session_idle_s:g} s).")
         handle = "s-" + secrets.token_urlsafe(12)
         stack = AsyncExitStack()
-        run = await stack.enter_async_context(open_run(self.policy))
+        run = await stack.enter_async_context(open_run(self.policy, journal=self.journal, kind="mcp"))
+        run.name_session(handle)
         run.audit.event("session_open", session=handle)
         self._live[handle] = _Live(handle, run, stack)
         if key is not None:

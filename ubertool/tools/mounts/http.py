@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ubertool.tools.credentials import CredentialBroker, CredentialError
 from ubertool.tools.mounts import Entry
-from ubertool.tools.recorder import Json, Recorder
+from ubertool.tools.recorder import Json, Recorder, ReplayMismatch
 from ubertool.tools.redact import Redactor
 
 _METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE")
@@ -237,7 +237,12 @@ class HttpMount:
         url = self._url(path)
         request: Json = {"mount": self.spec.name, "method": method, "url": url,
                          "body_sha256": hashlib.sha256(body).hexdigest() if body is not None else None}
-        response = self._recorder.exchange("http", request, lambda: self._perform(method, url, body))
+        try:
+            response = self._recorder.exchange("http", request, lambda: self._perform(method, url, body))
+        except ReplayMismatch as exc:
+            with self._lock:
+                self._notes.append(f"mount {self.spec.name}: {exc}")
+            raise OSError(errno.EIO, f"{method} {path}: not in the recording") from None
         return self._answer(response, method, path)
 
     def _answer(self, response: Json, method: str, path: str) -> bytes:

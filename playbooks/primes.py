@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+# ubertool playbook: `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly.
+"""primes: Count the primes up to a limit with a numpy sieve
+
+Source: session -, run 20261122T204643-bb2b1333
+Policy: <embedded default policy> (sha256:54dda4c033a6d1ef)
+Mounts: none
+Credentials: none
+Parameters: limit (default 100)
+"""
+# ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:11+00:00", "format": 1, "mounts": [], "name": "primes", "params": ["limit"], "policy": null, "policy_sha256": "54dda4c033a6d1ef13dd0c984fffac6775fb23effa7497fd02ec8c467aac26a4", "recording": "primes.recording.json", "run": "20261122T204643-bb2b1333", "session": null, "ubertool": "ubertool"}
+
+if __name__ == "__main__":  # run directly: ubertool runs this file in the sandbox
+    import os, shutil, sys  # noqa: E401
+
+    _ubertool = shutil.which("ubertool") or "ubertool"
+    os.execv(_ubertool, [_ubertool, "replay", __file__, *sys.argv[1:]])
+
+# %% parameters
+limit = 100
+
+# %% cell 1
+import numpy as np
+
+# %% cell 3
+sieve = np.ones(limit + 1, dtype=bool)
+sieve[:2] = False
+for n in range(2, int(limit ** 0.5) + 1):
+    if sieve[n]:
+        sieve[n * n::n] = False
+
+# %% cell 4
+primes = np.flatnonzero(sieve)
+primes[:10]
+
+# %% cell 5
+print(f'{len(primes)} primes up to {limit}; the largest is {primes[-1]}')

@@ -1,0 +1,165 @@
+"""`ubertool replay`: run a playbook's cells again in the sandbox, under its policy.
+
+Exit codes: 0 done; 1 a cell failed (which one, with its traceback); 2 a usage or policy
+problem (a missing policy, a syntax error, a missing credential, an unknown parameter);
+3 `--check` found a cell whose output differs from the dumped session's.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from ubertool.playbooks.format import Playbook, parameters_code
+from ubertool.runtime.journal import Journal, decode_exchanges
+from ubertool.runtime.policy import Policy
+from ubertool.runtime.render import render
+from ubertool.runtime.runs import open_run
+from ubertool.sandbox import CellResult
+from ubertool.tools.recorder import Exchange
+
+DONE, CELL_FAILED, USAGE, CHECK_FAILED = 0, 1, 2, 3
+
+
+class ReplayUsageError(Exception):
+    """A problem found before any cell ran (exit code 2); the message says what to do."""
+
+
+def parse_overrides(pairs: list[str], playbook: Playbook) -> dict[str, Any]:
+    """`NAME=VALUE` pairs: VALUE is read as a Python literal when it is one, else as text."""
+    declared = playbook.parameters
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep:
+            raise ReplayUsageError(f"-p {pair!r}: write it as NAME=VALUE")
+        if name not in declared:
+            known = ", ".join(declared) or "none"
+            raise ReplayUsageError(f"-p {name}: not a parameter of {playbook.name} (its parameters: {known})")
+        try:
+            values[name] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            values[name] = raw
+    return values
+
+
+def preflight(playbook: Playbook, policy: Policy, *, offline: bool) -> list[str]:
+    """Problems to stop on before running, and warnings (returned) to print."""
+    used = playbook.header.get("credentials", [])
+    missing = [name for name in used if name not in policy.credentials]
+    if missing:
+        raise ReplayUsageError(f"the policy {policy.source} has no credential {missing[0]!r}, which the "
+                               "playbook uses; add it to [credentials] or pass the playbook's --policy")
+    if not offline:
+        for name in used:
+            spec = policy.credentials[name]
+            for variable in (spec.env, spec.client_secret_env, spec.subject_token_env):
+                if variable and not os.environ.get(variable):
+                    raise ReplayUsageError(f"credential {name!r} needs the environment variable {variable}; "
+                                           "set it, or replay with --offline")
+            if spec.file is not None and not spec.file.is_file():
+                raise ReplayUsageError(f"credential {name!r} needs the file {spec.file}")
+    recorded = playbook.header.get("policy_sha256")
+    if recorded and recorded != policy.sha256:
+        return [f"note: the policy {policy.source} is not the one the playbook was made under "
+                f"(sha256 {policy.sha256[:12]} vs {str(recorded)[:12]}); replaying under it anyway"]
+    return []
+
+
+def load_recording(playbook: Playbook) -> dict[int, dict[str, Any]]:
+    path = playbook.recording_path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ReplayUsageError(f"--check and --offline need the recording {path}: {exc}") from None
+    return {int(cell["number"]): cell for cell in data.get("cells", [])}
+
+
+@dataclass
+class Outcome:
+    exit_code: int = DONE
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    failed_cell: int | None = None
+    differences: list[str] = field(default_factory=list)
+
+
+def _differs(number: int, result: CellResult, expected: dict[str, Any]) -> str:
+    """How cell `number`'s output differs from the dumped session's, or ''."""
+    value = None if result.value is None else str(result.value)
+    for part, got, want in (("stdout", str(result.stdout), expected.get("stdout", "")),
+                            ("value", value, expected.get("value"))):
+        if got != want:
+            return f"cell {number}: {part} differs: expected {want!r:.200}, got {got!r:.200}"
+    return ""
+
+
+async def replay(playbook: Playbook, policy: Policy, overrides: dict[str, Any], *, check: bool,
+                 offline: bool, as_json: bool, journal: Journal | None, out: TextIO = sys.stdout,
+                 err: TextIO = sys.stderr) -> Outcome:
+    """Run the playbook; print each cell's output (or, `as_json`, nothing until the end)."""
+    recording = load_recording(playbook) if check or offline else {}
+    exchanges: list[Exchange] | None = None
+    if offline:
+        exchanges = [e for number in sorted(recording)
+                     for e in decode_exchanges(json.dumps(recording[number].get("exchanges", [])))]
+    params = {**playbook.parameters, **overrides}
+    outcome = Outcome()
+    tty = err.isatty() and not as_json
+    async with open_run(policy, kind="replay", journal=journal, replay=exchanges) as run:
+        if params:
+            result = await run.cell(parameters_code(params), echo=False)
+            if result.failed:
+                return _fail(outcome, result, "parameters", err, as_json)
+        total = len(playbook.cells)
+        for index, section in enumerate(playbook.cells, 1):
+            if tty:
+                err.write(f"\r[{index}/{total}] cell {section.number} ...")
+                err.flush()
+            result = await run.cell(section.code)
+            if tty:
+                err.write(f"\r[{index}/{total}] cell {section.number}: {result.status} "
+                          f"({result.duration_s:.2f} s)\n")
+            entry = {"number": section.number, "status": str(result.status), "stdout": str(result.stdout),
+                     "value": None if result.value is None else str(result.value),
+                     "duration_s": round(result.duration_s, 6),
+                     "error": result.error.traceback if result.error else None}
+            if not as_json:
+                render(result, out, err, show_value=True)
+            if check and section.number in recording:
+                difference = _differs(section.number, result, recording[section.number])
+                entry["check"] = "differs" if difference else "same"
+                if difference:
+                    outcome.differences.append(difference)
+            outcome.cells.append(entry)
+            if result.failed:
+                return _fail(outcome, result, f"cell {section.number}", err, as_json)
+    if outcome.differences:
+        outcome.exit_code = CHECK_FAILED
+        if not as_json:
+            err.write("check: the output differs from the dumped session's:\n"
+                      + "".join(f"  {d}\n" for d in outcome.differences))
+    return outcome
+
+
+def _fail(outcome: Outcome, result: CellResult, where: str, err: TextIO, as_json: bool) -> Outcome:
+    outcome.exit_code = CELL_FAILED
+    outcome.failed_cell = result.cell
+    if not as_json:
+        err.write(f"replay stopped: {where} failed ({result.status})"
+                  + (f": {result.message}" if result.message else "") + "\n")
+    return outcome
+
+
+def resolve_policy_path(playbook: Playbook, given: str | None) -> Path | None:
+    """The policy file to use: --policy, else the playbook's own (None: the embedded default)."""
+    if given is not None:
+        return Path(given)
+    path = playbook.policy_path()
+    if path is not None and not path.is_file():
+        raise ReplayUsageError(f"the playbook's policy {path} is missing; pass --policy FILE")
+    return path
