@@ -11,7 +11,9 @@ Parameters: limit (default 100)
 # ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:11+00:00", "format": 1, "mounts": [], "name": "primes", "params": ["limit"], "policy": null, "policy_sha256": "54dda4c033a6d1ef13dd0c984fffac6775fb23effa7497fd02ec8c467aac26a4", "recording": "primes.recording.json", "run": "20261122T204643-bb2b1333", "session": null, "ubertool": "ubertool"}
 
 if __name__ == "__main__":  # run directly: ubertool runs this file in the sandbox
-    import os, shutil, sys  # noqa: E401
+    import os
+    import shutil
+    import sys
 
     _ubertool = shutil.which("ubertool") or "ubertool"
     os.execv(_ubertool, [_ubertool, "replay", __file__, *sys.argv[1:]])

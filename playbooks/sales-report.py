@@ -11,7 +11,9 @@ Parameters: product (default 'tea')
 # ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:12+00:00", "format": 1, "mounts": ["shop (http /remote/shop)"], "name": "sales-report", "params": ["product"], "policy": "shop-policy.toml", "policy_sha256": "b3ec198b0436abc4bd728450860c793c63732a4a26d8e162b97317c719178bea", "recording": "sales-report.recording.json", "run": "20261122T204644-e19aec69", "session": null, "ubertool": "ubertool"}
 
 if __name__ == "__main__":  # run directly: ubertool runs this file in the sandbox
-    import os, shutil, sys  # noqa: E401
+    import os
+    import shutil
+    import sys
 
     _ubertool = shutil.which("ubertool") or "ubertool"
     os.execv(_ubertool, [_ubertool, "replay", __file__, *sys.argv[1:]])
@@ -21,6 +23,7 @@ product = 'tea'
 
 # %% cell 1
 import pandas as pd
+
 sales = pd.read_csv('/remote/shop/sales.csv')
 
 # %% cell 2 (not replayed: it only inspects)
@@ -31,6 +34,7 @@ by_region = sales[sales['product'] == product].groupby('region')['total'].sum().
 
 # %% cell 5
 import json
+
 with open('/remote/shop/report.json', 'w') as f:
     json.dump({'product': product, 'by_region': by_region.to_dict()}, f)
 

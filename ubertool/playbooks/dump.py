@@ -1,7 +1,7 @@
 """Journal -> playbook: the session's successful cells, in order, as a replayable script.
 
-Failed cells are left out. Cells that only inspect (a bare name, `df.head()`, `len(x)`, ...)
-are kept as comments. A parameter's literal top-level assignment (`region = "EMEA"`) is taken
+Failed cells, and the cell that saved the playbook, are left out. Cells that only inspect (a
+bare name, `df.head()`, `len(x)`, ...) are kept as comments. A parameter's literal top-level assignment (`region = "EMEA"`) is taken
 out of the cells, so the `# %% parameters` section, which a person can override, decides it.
 """
 
@@ -41,6 +41,17 @@ def _inspects_only(code: str) -> bool:
         return isinstance(node, ast.Tuple) and all(looks(e) for e in node.elts)
 
     return bool(body) and all(isinstance(s, ast.Expr) and looks(s.value) for s in body)
+
+
+def _saves_a_playbook(code: str) -> bool:
+    """Whether the cell calls save_playbook: dumping is about the session, not part of it."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    return any(isinstance(node, ast.Call) and "save_playbook" in (getattr(node.func, "attr", None),
+                                                                 getattr(node.func, "id", None))
+               for node in ast.walk(tree))
 
 
 def _without_parameters(code: str, names: set[str]) -> str:
@@ -83,7 +94,7 @@ def dump(cells: Sequence[JournalCell], *, name: str, description: str, params: d
     draft = Draft(name, description, header, dict(params))
     recorded: list[dict[str, Any]] = []
     for cell in cells:
-        if cell.status not in _KEPT:
+        if cell.status not in _KEPT or _saves_a_playbook(cell.code):
             continue
         if _inspects_only(cell.code):
             draft.comments.append((cell.number, "it only inspects", cell.code))
