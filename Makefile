@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/sandbox.py
 	$(BIN)/python bench/mcp_server.py
 	$(BIN)/python bench/mounts.py
+	$(BIN)/python bench/playbooks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
