@@ -46,7 +46,8 @@ def main() -> None:
         replays = []
         for _ in range(3):
             started = time.perf_counter()
-            done = subprocess.run([UBERTOOL, "replay", str(playbook)], env=env, capture_output=True, text=True)
+            done = subprocess.run([UBERTOOL, "replay", str(playbook)], env=env, capture_output=True,
+                                  text=True)
             assert done.returncode == 0, done.stderr
             replays.append(time.perf_counter() - started)
         replay = sorted(replays)[1]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,21 @@ def _policy(path: str | Path | None) -> Policy:
         sys.exit(2)
 
 
-def _sandboxed(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn` after the one-time compile; a sandbox that cannot start exits 2."""
+@contextmanager
+def _sandbox_errors() -> Iterator[None]:
+    """A sandbox that cannot start exits 2, saying what to try."""
     try:
-        anyio.run(warm_with_progress)
-        return fn(*args)
+        yield
     except SandboxStartError as exc:
         click.echo(f"ubertool: {exc}\nTry `ubertool warm` to rebuild the sandbox cache.", err=True)
         sys.exit(2)
+
+
+def _sandboxed(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn` after the one-time compile (with progress when it is not cached yet)."""
+    with _sandbox_errors():
+        anyio.run(warm_with_progress)
+        return fn(*args)
 
 
 policy_option = click.option("--policy", "policy_path", type=click.Path(dir_okay=False),
@@ -240,7 +248,8 @@ def sessions_dump(ref: str, output: Path, name: str | None, description: str,
 @main.command()
 def warm() -> None:
     """Compile the sandbox into the cache now (once per machine, about a minute)."""
-    seconds = _sandboxed(anyio.run, warm_with_progress)
+    with _sandbox_errors():
+        seconds = anyio.run(warm_with_progress)
     click.echo(f"The sandbox is ready (took {seconds:.1f} s).")
 
 
