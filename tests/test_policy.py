@@ -88,8 +88,17 @@ BAD = [
      "credentials.github.source: Input should be 'env', 'file', 'client_credentials' or 'token_exchange'"),
     ("[credentials.idp]\nsource = 'client_credentials'\ntoken_url = 'http://idp/token'\n",
      "credentials.idp.client_id: required when source = 'client_credentials'"),
-    ("[tools.programs.sh]\nargv = ['sh']\n",
-     "tools: not supported yet by this version of ubertool: leave it empty"),
+    ("[tools.programs.sh]\nargv = []\n", "tools.programs.sh.argv: Tuple should have at least 1 item after "
+     "validation, not 0"),
+    ("[tools.programs.sh]\nargv = ['sh']\nshell = true\n",
+     "tools.programs.sh.shell: unknown key (a typo, or a section this version does not have)"),
+    ("[tools.mcp.gh]\nallow = ['*']\n",
+     "tools.mcp.gh.command: give exactly one of command (stdio) or url (HTTP)"),
+    ("[tools.mcp.gh]\nurl = 'http://h/mcp'\n", "tools.mcp.gh.allow: required key is missing"),
+    ("[tools.mcp.gh]\nurl = 'http://h/mcp'\nallow = ['*']\ncredential = 'gh'\n",
+     "tools.mcp.gh.credential: no [credentials.gh] in the policy"),
+    ("[tools.browser]\norigins = ['http://h']\n",
+     "tools.browser: unknown key (a typo, or a section this version does not have)"),
     ("grants = 'x'\n", "grants: Input should be a valid tuple"),
 ]
 

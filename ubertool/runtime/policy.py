@@ -22,6 +22,8 @@ from ubertool.runtime.home import state_home
 from ubertool.sandbox import GUESTLIB_GUEST
 from ubertool.tools.credentials import CredentialSpec
 from ubertool.tools.mounts.http import HttpMountSpec
+from ubertool.tools.programs import ProgramSpec
+from ubertool.tools.upstream import UpstreamSpec
 
 DEFAULT_POLICY_NAME = "<embedded default policy>"
 # Guest paths the sandbox itself uses: a grant may not shadow them.
@@ -111,6 +113,13 @@ class DirMount(Grant):
 Mount = Annotated[HttpMountSpec | DirMount, Field(discriminator="kind")]
 
 
+class Tools(_Section):
+    """Host tools the guest may reach from code: programs (pexpect) and upstream MCP servers."""
+
+    programs: dict[str, ProgramSpec] = Field(default_factory=dict)
+    mcp: dict[str, UpstreamSpec] = Field(default_factory=dict)
+
+
 class Policy(_Section):
     """The whole policy. `source` is the file it came from (not a key of the file)."""
 
@@ -120,8 +129,7 @@ class Policy(_Section):
     grants: Annotated[tuple[Grant, ...], Field(strict=False)] = ()
     mounts: Annotated[tuple[Mount, ...], Field(strict=False)] = ()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
-    # A section a later release fills; declared so an operator learns it is not in force yet.
-    tools: dict[str, Any] = Field(default_factory=dict, max_length=0)
+    tools: Tools = Tools()
     source: str = Field(DEFAULT_POLICY_NAME, exclude=True)
     sha256: str = Field("", exclude=True)  # of the file's text, so a playbook knows its policy
     path: Path | None = Field(None, exclude=True)  # the file, resolved; None for the embedded one
@@ -161,6 +169,10 @@ class Policy(_Section):
             credential = getattr(mount, "credential", None)
             if credential is not None and credential not in self.credentials:
                 raise ValueError(f"mounts.{index}.credential: no [credentials.{credential}] in the policy")
+        for name, server in self.tools.mcp.items():
+            if server.credential is not None and server.credential not in self.credentials:
+                raise ValueError(f"tools.mcp.{name}.credential: no [credentials.{server.credential}] "
+                                 "in the policy")
         return self
 
 

@@ -37,8 +37,10 @@ from ubertool.sandbox import (
 from ubertool.tools import ToolFailure
 from ubertool.tools.credentials import CredentialBroker
 from ubertool.tools.mounts.http import HttpMount
-from ubertool.tools.recorder import Exchange, Recorder
+from ubertool.tools.programs import ProgramBroker
+from ubertool.tools.recorder import Exchange, Recorder, recorded_call
 from ubertool.tools.redact import Redactor
+from ubertool.tools.upstream import UpstreamBroker
 
 
 @dataclass
@@ -154,15 +156,12 @@ def playbook_tool(record: RunRecord, recorder: Recorder) -> Callable[..., dict[s
                 text, recording = dump(record.cells, name=name, description=description,
                                        params=params or {}, source=source_facts(record))
             except ValueError as exc:
-                return {"error": str(exc)}
+                raise ToolFailure(str(exc)) from None
             path = write_playbook(playbooks_home() / f"{name}.py", text, recording)
             return {"playbook": name, "path": str(path), "cells": len(recording["cells"]),
                     "replay": f"ubertool replay {path}"}
 
-        answer = recorder.exchange("tool", {"tool": "save_playbook", "arguments": arguments}, perform)
-        if "error" in answer:
-            raise ToolFailure(answer["error"])
-        return answer
+        return recorded_call(recorder, "save_playbook", arguments, perform)
     return save_playbook
 
 
@@ -183,6 +182,12 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
             stack.enter_context(recorder.replaying(replay))
         credentials = stack.enter_context(CredentialBroker(dict(policy.credentials), redactor,
                                                            on_event=audit.event))
+        programs = stack.enter_context(ProgramBroker(dict(policy.tools.programs), workspace,
+                                                     recorder=recorder, redactor=redactor,
+                                                     on_event=audit.event))
+        upstream = stack.enter_context(UpstreamBroker(dict(policy.tools.mcp), credentials=credentials,
+                                                      recorder=recorder, redactor=redactor,
+                                                      on_event=audit.event))
         mounts = []
         for spec in policy.mounts:
             if isinstance(spec, DirMount):
@@ -193,7 +198,7 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
             mounts.append(ProviderMount(spec.guest, provider, spec.writable))
         yield SandboxConfig(workspace=workspace, workspace_guest=policy.workspace.guest_path,
                             folders=tuple(folders), mounts=tuple(mounts), recorder=recorder,
-                            tools=(playbook_tool(record, recorder),),
+                            tools=(playbook_tool(record, recorder), *programs.tools(), *upstream.tools()),
                             limits=_limits(policy), about=about_text(policy))
 
 

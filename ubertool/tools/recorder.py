@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from ubertool.tools import ToolFailure
+
 Json = dict[str, Any]
 
 
@@ -81,3 +83,18 @@ class Recorder:
             with self._lock:
                 self._replay = None
                 self._log = []
+
+
+def recorded_call(recorder: Recorder, tool: str, arguments: Json, perform: Callable[[], Json]) -> Json:
+    """A host tool's call through `recorder`: its answer, or its `ToolFailure` (recorded as
+    an answer too, so a replay fails the same way)."""
+    def attempt() -> Json:
+        try:
+            return perform()
+        except ToolFailure as exc:
+            return {"error": str(exc)}
+
+    answer = recorder.exchange("tool", {"tool": tool, "arguments": arguments}, attempt)
+    if "error" in answer:
+        raise ToolFailure(answer["error"])
+    return answer

@@ -1,0 +1,153 @@
+"""Host tools from sandbox code: real programs under pexpect, a real upstream MCP server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN, cli_env, ubertool_command
+
+from ubertool.runtime.journal import Journal, default_journal_path
+from ubertool.runtime.policy import load_policy
+from ubertool.runtime.runs import Run, open_run
+from ubertool.sandbox import Status
+
+pytestmark = pytest.mark.anyio
+UPSTREAM = Path(__file__).with_name("upstream_server.py")
+
+
+def policy_text() -> str:
+    return f"""
+[tools.programs.sqlite]
+argv = ["sqlite3", "-interactive"]
+timeout_s = 5
+
+[tools.programs.python]
+argv = ["{sys.executable}", "-i", "-q"]
+
+[tools.programs.cat]
+argv = ["cat"]
+timeout_s = 1
+
+[tools.programs.echo]
+argv = ["echo"]
+extra_args = 2
+
+[tools.mcp.tracker]
+command = ["{sys.executable}", "{UPSTREAM}"]
+allow = ["add", "search_*", "explode"]
+"""
+
+
+@asynccontextmanager
+async def tool_run(tmp_path: Path, journal: Journal | None = None) -> AsyncIterator[Run]:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text())
+    async with open_run(load_policy(policy), journal=journal) as run:
+        yield run
+
+
+async def ok(run: Run, code: str) -> str:
+    result = await run.cell(code)
+    assert result.status is Status.OK, (result.error, result.message)
+    return str(result.value)
+
+
+async def refused(run: Run, code: str) -> str:
+    result = await run.cell(code)
+    assert result.status is Status.ERROR and result.error is not None
+    assert result.error.type == "host.ToolError", result.error
+    return result.error.message
+
+
+async def test_drive_sqlite_and_python_from_sandbox_code(tmp_path: Path) -> None:
+    async with tool_run(tmp_path) as run:
+        assert await ok(run, "from ubertool import programs\ndb = programs.spawn('sqlite')\n"
+                             "db.expect('sqlite> ')\n"
+                             "db.sendline('create table t(x); insert into t values (20), (22);')\n"
+                             "db.expect('sqlite> ')\ndb.sendline('select sum(x) from t;')\n"
+                             "db.expect('sqlite> ')\ndb.before.strip()") == "'42'"
+        assert await ok(run, "py = programs.spawn('python')\npy.expect('>>> ')\npy.sendline('2 ** 10')\n"
+                             "py.expect('>>> ')\npy.before.strip()") == "'1024'"
+        assert await ok(run, "e = programs.spawn('echo', ['hello', 'there'])\ne.expect('there')\n"
+                             "e.before") == "'hello '"
+        await ok(run, "db.sendline('.quit')\ndb.close()")
+        assert await ok(run, "db.exitstatus") == "0"
+
+
+async def test_refusals_name_the_policy_line(tmp_path: Path) -> None:
+    async with tool_run(tmp_path) as run:
+        await ok(run, "from ubertool import programs")
+        assert await refused(run, "programs.spawn('bash')") == (
+            "no program 'bash' in the policy (allowed: cat, echo, python, sqlite); an operator adds "
+            "[tools.programs.bash] with its argv")
+        assert await refused(run, "programs.spawn('echo', ['a', 'b', 'c'])") == (
+            "program 'echo' takes at most 2 extra arguments (policy tools.programs.echo.extra_args)")
+        assert await refused(run, "programs.spawn('echo', ['$(id)'])") == (
+            "argument '$(id)' does not match tools.programs.echo.arg_pattern")
+        message = await refused(run, "programs.spawn('sqlite', ['x'])")
+        assert message.startswith("program 'sqlite' takes at most 0")
+
+
+async def test_a_hung_program_times_out_and_no_child_survives_the_run(tmp_path: Path) -> None:
+    async with tool_run(tmp_path) as run:
+        message = await refused(run, "from ubertool import programs\nc = programs.spawn('cat')\n"
+                                     "c.expect('never printed')")
+        assert message == "timed out after 1 s waiting for ['never printed']; printed so far: ''"
+        pids = eval(await ok(run, "d = programs.spawn('python')\n(c.pid, d.pid)"))
+        for pid in pids:
+            os.kill(pid, 0)  # alive while the run lasts
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_programs_survive_a_restore_without_respawning(tmp_path: Path) -> None:
+    async with tool_run(tmp_path) as run:
+        await ok(run, "from ubertool import programs\npy = programs.spawn('python')\npy.expect('>>> ')\n"
+                      "py.sendline('counter = 1')\npy.expect('>>> ')")
+        result = await run.cell("while True: pass", timeout_s=0.5)
+        assert result.restored is not None and result.restored.ok
+        assert await ok(run, "py.sendline('counter + 1')\npy.expect('>>> ')\npy.before.strip()") == "'2'"
+
+
+async def test_upstream_mcp_tools_from_code(tmp_path: Path) -> None:
+    async with tool_run(tmp_path) as run:
+        assert await ok(run, "from ubertool import mcp\nmcp.servers()") == "['tracker']"
+        names = await ok(run, "[t['name'] for t in mcp.tools('tracker')]")
+        assert names == "['add', 'search_issues', 'explode']"
+        found = await ok(run, "[t['name'] for t in mcp.tools('tracker', query='issue')]")
+        assert found == "['search_issues']"
+        schema = await ok(run, "mcp.tools('tracker', query='add')[0]['input_schema']['required']")
+        assert schema == "['a', 'b']"
+        assert await ok(run, "mcp.call('tracker', 'add', a=20, b=22)") == "42"
+        assert await ok(run, "mcp['tracker'].search_issues(query='crash', limit=1)") == \
+            "{'query': 'crash', 'issues': [{'id': 1, 'title': 'crash #1'}]}"
+        assert await refused(run, "mcp.call('tracker', 'explode', reason='disk full')") == \
+            "tracker.explode failed: exploded: disk full"
+        assert await refused(run, "mcp.call('tracker', 'delete_everything')") == (
+            "tool 'delete_everything' of MCP server 'tracker' is not allowed (policy tools.mcp.tracker.allow "
+            "is ['add', 'search_*', 'explode'])")
+        message = await refused(run, "mcp.call('github', 'x')")
+        assert message.startswith("no MCP server 'github' in the policy")
+
+
+async def test_a_playbook_that_used_the_tools_replays(tmp_path: Path, _isolated_home: Path) -> None:
+    with Journal(default_journal_path()) as journal:
+        async with tool_run(tmp_path, journal) as run:
+            await ok(run, "from ubertool import programs, mcp\ndb = programs.spawn('sqlite')\n"
+                          "db.expect('sqlite> ')\ndb.sendline('select 6 * 7;')\ndb.expect('sqlite> ')\n"
+                          "answer = int(db.before.strip())")
+            await ok(run, "total = mcp.call('tracker', 'add', a=answer, b=8)\nprint('total', total)")
+            saved = await ok(run, "import ubertool\nubertool.save_playbook('tools-demo')")
+    playbook = Path(eval(saved)["path"])
+    env = {**cli_env(), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    for extra in ([], ["--offline", "--check"]):
+        done = subprocess.run([ubertool_command(), "replay", str(playbook), *extra], capture_output=True,
+                              text=True, timeout=120, env=env)
+        assert (done.returncode, done.stdout) == (0, "total 50\n"), done.stderr

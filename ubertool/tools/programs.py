@@ -1,0 +1,227 @@
+"""Interactive programs for the guest, driven on the host with pexpect, only as the policy allows.
+
+Policy `[tools.programs.NAME]` fixes a program's argv; the guest may add arguments only when
+`extra_args` allows them, each matching `arg_pattern`. There is no shell. A child runs in the
+run's own working folder with a small environment (never the host's), its output and time
+capped; every child is killed when the run ends. Every call is recorded (so a restore replays
+it without touching the child) and audited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pexpect
+from pydantic import BaseModel, ConfigDict, Field
+
+from ubertool.tools import ToolFailure
+from ubertool.tools.recorder import Recorder, recorded_call
+from ubertool.tools.redact import Redactor
+
+_GRACE_S = 0.5  # how long close() lets a program end by itself before it is killed
+
+
+class ProgramSpec(BaseModel):
+    """One allowed program."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    argv: tuple[str, ...] = Field(min_length=1, strict=False)
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(10.0, gt=0, le=3600)  # the longest one expect/read waits
+    lifetime_s: float = Field(600.0, gt=0, le=86_400)  # then the child is killed
+    max_output_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)  # per answer
+    extra_args: int = Field(0, ge=0, le=64)  # how many arguments the guest may add
+    arg_pattern: str = r"^[\w.,:=/+-]*$"
+
+
+@dataclass
+class _Child:
+    name: str
+    process: pexpect.spawn
+    started: float = field(default_factory=time.monotonic)
+
+
+class ProgramBroker:
+    """The run's programs; use as a context manager (leaving it kills every child)."""
+
+    def __init__(self, specs: dict[str, ProgramSpec], workdir: Path, *, recorder: Recorder,
+                 redactor: Redactor, on_event: Callable[..., None] | None = None) -> None:
+        self._specs = specs
+        self._workdir = workdir
+        self._recorder = recorder
+        self._redactor = redactor
+        self._on_event = on_event or (lambda *a, **k: None)
+        self._children: dict[int, _Child] = {}
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ProgramBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_all()
+
+    def close_all(self) -> None:
+        with self._lock:
+            children, self._children = self._children, {}
+        for handle, child in children.items():
+            child.process.close(force=True)
+            self._on_event("program_killed", program=child.name, handle=handle, reason="run ended")
+
+    def tools(self) -> tuple[Callable[..., Any], ...]:
+        """The host functions the guest's `ubertool.programs` calls."""
+        return (self.programs_spawn, self.programs_send, self.programs_expect, self.programs_read,
+                self.programs_close)
+
+    # -- the tools ---------------------------------------------------------------------------
+
+    def programs_spawn(self, name: str, args: list[str] | None = None) -> dict[str, Any]:
+        """Start an allowed program; returns its handle.
+
+        Args:
+            name: The program's name in the policy ([tools.programs.NAME]).
+            args: Extra arguments, if the policy allows them.
+        """
+        return self._recorded("spawn", {"name": name, "args": args or []},
+                              lambda: self._spawn(name, args or []))
+
+    def programs_send(self, handle: int, text: str) -> dict[str, Any]:
+        """Send text to a program's input, as typed (add a newline to end a line).
+
+        Args:
+            handle: The handle spawn returned.
+            text: What to type.
+        """
+        return self._recorded("send", {"handle": handle, "text": text},
+                              lambda: {"sent": self._child(handle).process.send(text)})
+
+    def programs_expect(self, handle: int, patterns: list[str],
+                        timeout_s: float | None = None) -> dict[str, Any]:
+        """Wait until the program's output matches one of the regular expressions.
+
+        Args:
+            handle: The handle spawn returned.
+            patterns: Regular expressions; the first that matches wins.
+            timeout_s: How long to wait (capped by the policy).
+        """
+        return self._recorded("expect", {"handle": handle, "patterns": patterns, "timeout_s": timeout_s},
+                              lambda: self._expect(handle, patterns, timeout_s))
+
+    def programs_read(self, handle: int, size: int = 65536, timeout_s: float = 0.0) -> dict[str, Any]:
+        """Read what the program has printed so far, without waiting for a pattern.
+
+        Args:
+            handle: The handle spawn returned.
+            size: The most characters to read.
+            timeout_s: How long to wait for the first character (0: do not wait).
+        """
+        return self._recorded("read", {"handle": handle, "size": size, "timeout_s": timeout_s},
+                              lambda: self._read(handle, size, timeout_s))
+
+    def programs_close(self, handle: int) -> dict[str, Any]:
+        """End the program (terminating it if it still runs); returns its exit status.
+
+        Args:
+            handle: The handle spawn returned.
+        """
+        return self._recorded("close", {"handle": handle}, lambda: self._close(handle))
+
+    # -- the host side -----------------------------------------------------------------------
+
+    def _recorded(self, op: str, arguments: dict[str, Any],
+                  perform: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return recorded_call(self._recorder, f"programs.{op}", arguments, perform)
+
+    def _spawn(self, name: str, args: list[str]) -> dict[str, Any]:
+        spec = self._specs.get(name)
+        if spec is None:
+            allowed = ", ".join(sorted(self._specs)) or "none"
+            raise ToolFailure(f"no program {name!r} in the policy (allowed: {allowed}); "
+                              f"an operator adds [tools.programs.{name}] with its argv")
+        if len(args) > spec.extra_args:
+            raise ToolFailure(f"program {name!r} takes at most {spec.extra_args} extra arguments "
+                              f"(policy tools.programs.{name}.extra_args)")
+        for arg in args:
+            if not re.match(spec.arg_pattern, arg):
+                raise ToolFailure(f"argument {arg!r} does not match tools.programs.{name}.arg_pattern")
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self._workdir),
+               "LANG": "C.UTF-8", "TERM": "dumb", **spec.env}
+        try:
+            process = pexpect.spawn(spec.argv[0], [*spec.argv[1:], *args], cwd=str(self._workdir), env=env,
+                                    encoding="utf-8", codec_errors="replace", timeout=spec.timeout_s,
+                                    maxread=65536, echo=False, dimensions=(24, 200))
+        except pexpect.ExceptionPexpect as exc:
+            raise ToolFailure(f"program {name!r} could not start: {exc}") from None
+        with self._lock:
+            handle, self._next = self._next, self._next + 1
+            self._children[handle] = _Child(name, process)
+        self._on_event("program_spawned", program=name, handle=handle, pid=process.pid, args=args)
+        return {"handle": handle, "pid": process.pid, "program": name}
+
+    def _child(self, handle: int) -> _Child:
+        with self._lock:
+            child = self._children.get(handle)
+        if child is None:
+            raise ToolFailure(f"no running program with handle {handle}")
+        spec = self._specs[child.name]
+        if time.monotonic() - child.started > spec.lifetime_s:
+            self._close(handle)
+            raise ToolFailure(f"program {child.name!r} ran past its lifetime of {spec.lifetime_s:g} s "
+                              "and was killed")
+        return child
+
+    def _text(self, value: Any, cap: int) -> str:
+        text = value if isinstance(value, str) else ""
+        return self._redactor.text(text[-cap:])
+
+    def _expect(self, handle: int, patterns: list[str], timeout_s: float | None) -> dict[str, Any]:
+        child = self._child(handle)
+        spec = self._specs[child.name]
+        timeout = spec.timeout_s if timeout_s is None else min(timeout_s, spec.timeout_s)
+        try:
+            index = child.process.expect(patterns, timeout=timeout)
+        except pexpect.TIMEOUT:
+            raise ToolFailure(f"timed out after {timeout:g} s waiting for {patterns!r}; printed so far: "
+                              f"{self._text(child.process.before, 2000)!r}") from None
+        except pexpect.EOF:
+            raise ToolFailure(f"program {child.name!r} ended before printing {patterns!r}; it printed: "
+                              f"{self._text(child.process.before, 2000)!r}") from None
+        except re.error as exc:
+            raise ToolFailure(f"bad pattern: {exc}") from None
+        cap = spec.max_output_bytes
+        return {"index": index, "before": self._text(child.process.before, cap),
+                "after": self._text(child.process.after, cap)}
+
+    def _read(self, handle: int, size: int, timeout_s: float) -> dict[str, Any]:
+        child = self._child(handle)
+        spec = self._specs[child.name]
+        try:
+            text = child.process.read_nonblocking(min(size, spec.max_output_bytes),
+                                                  timeout=min(timeout_s, spec.timeout_s))
+        except pexpect.TIMEOUT:
+            text = ""
+        except pexpect.EOF:
+            return {"text": "", "eof": True}
+        return {"text": self._text(text, spec.max_output_bytes), "eof": False}
+
+    def _close(self, handle: int) -> dict[str, Any]:
+        with self._lock:
+            child = self._children.pop(handle, None)
+        if child is None:
+            raise ToolFailure(f"no running program with handle {handle}")
+        with contextlib.suppress(pexpect.ExceptionPexpect):
+            child.process.expect(pexpect.EOF, timeout=_GRACE_S)  # a program told to quit may finish
+        child.process.close(force=True)
+        self._on_event("program_closed", program=child.name, handle=handle,
+                       exit_status=child.process.exitstatus, signal=child.process.signalstatus)
+        return {"exit_status": child.process.exitstatus, "signal": child.process.signalstatus}
