@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ubertool.runtime.home import state_home
 from ubertool.sandbox import GUESTLIB_GUEST
+from ubertool.tools.browser import BrowserSpec
 from ubertool.tools.credentials import CredentialSpec
 from ubertool.tools.mounts.http import HttpMountSpec
 from ubertool.tools.programs import ProgramSpec
@@ -114,9 +115,11 @@ Mount = Annotated[HttpMountSpec | DirMount, Field(discriminator="kind")]
 
 
 class Tools(_Section):
-    """Host tools the guest may reach from code: programs (pexpect) and upstream MCP servers."""
+    """Host tools the guest may reach from code: programs (pexpect), a browser (Playwright) and
+    upstream MCP servers."""
 
     programs: dict[str, ProgramSpec] = Field(default_factory=dict)
+    browser: BrowserSpec | None = None
     mcp: dict[str, UpstreamSpec] = Field(default_factory=dict)
 
 
@@ -169,6 +172,10 @@ class Policy(_Section):
             credential = getattr(mount, "credential", None)
             if credential is not None and credential not in self.credentials:
                 raise ValueError(f"mounts.{index}.credential: no [credentials.{credential}] in the policy")
+        browser = self.tools.browser
+        for origin, credential in (browser.credentials.items() if browser else ()):
+            if credential not in self.credentials:
+                raise ValueError(f"tools.browser.credentials: {origin} names no [credentials.{credential}]")
         for name, server in self.tools.mcp.items():
             if server.credential is not None and server.credential not in self.credentials:
                 raise ValueError(f"tools.mcp.{name}.credential: no [credentials.{server.credential}] "

@@ -35,6 +35,7 @@ from ubertool.sandbox import (
     Text,
 )
 from ubertool.tools import ToolFailure
+from ubertool.tools.browser import BrowserBroker
 from ubertool.tools.credentials import CredentialBroker
 from ubertool.tools.mounts.http import HttpMount
 from ubertool.tools.programs import ProgramBroker
@@ -185,6 +186,10 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
         programs = stack.enter_context(ProgramBroker(dict(policy.tools.programs), workspace,
                                                      recorder=recorder, redactor=redactor,
                                                      on_event=audit.event))
+        browser = stack.enter_context(BrowserBroker(policy.tools.browser, workspace,
+                                                    policy.workspace.guest_path, credentials=credentials,
+                                                    recorder=recorder, redactor=redactor,
+                                                    on_event=audit.event))
         upstream = stack.enter_context(UpstreamBroker(dict(policy.tools.mcp), credentials=credentials,
                                                       recorder=recorder, redactor=redactor,
                                                       on_event=audit.event))
@@ -198,7 +203,8 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
             mounts.append(ProviderMount(spec.guest, provider, spec.writable))
         yield SandboxConfig(workspace=workspace, workspace_guest=policy.workspace.guest_path,
                             folders=tuple(folders), mounts=tuple(mounts), recorder=recorder,
-                            tools=(playbook_tool(record, recorder), *programs.tools(), *upstream.tools()),
+                            tools=(playbook_tool(record, recorder), *programs.tools(), *browser.tools(),
+                                   *upstream.tools()),
                             limits=_limits(policy), about=about_text(policy))
 
 

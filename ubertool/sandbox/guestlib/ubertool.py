@@ -108,3 +108,58 @@ class _Mcp:
 
 programs = _Programs()
 mcp = _Mcp()
+
+
+def _told(answer: dict) -> dict:
+    import sys
+
+    for url in answer.get("blocked", ()):
+        print(f"ubertool.browser: blocked {url} (origin not in tools.browser.origins)", file=sys.stderr)
+    return answer
+
+
+class _Browser:
+    """A browser the host drives for you (policy `[tools.browser]`): only the policy's origins
+    load; other requests are blocked and reported on stderr. `browser.goto(url)`,
+    `browser.fill("#name", "Ada")`, `browser.click("button")`, `browser.text("#result")`,
+    `browser.screenshot("page.png")` (saved in the workspace), `browser.url`, `browser.title`."""
+
+    def goto(self, url: str) -> dict:
+        return _told(_tools().browser_goto(url=url))
+
+    def _act(self, action: str, selector: str, value: str = "", timeout: float | None = None) -> dict:
+        return _told(_tools().browser_act(action=action, selector=selector, value=value, timeout_s=timeout))
+
+    def click(self, selector: str, timeout: float | None = None) -> dict:
+        return self._act("click", selector, timeout=timeout)
+
+    def fill(self, selector: str, text: str, timeout: float | None = None) -> dict:
+        return self._act("fill", selector, text, timeout)
+
+    def press(self, selector: str, key: str, timeout: float | None = None) -> dict:
+        return self._act("press", selector, key, timeout)
+
+    def wait_for(self, selector: str, timeout: float | None = None) -> dict:
+        return self._act("wait_for", selector, timeout=timeout)
+
+    def text(self, selector: str = "body") -> str:
+        return _told(_tools().browser_text(selector=selector))["text"]
+
+    inner_text = text
+
+    def evaluate(self, expression: str):
+        return _told(_tools().browser_evaluate(expression=expression))["value"]
+
+    def screenshot(self, name: str = "screenshot.png") -> str:
+        return _told(_tools().browser_screenshot(name=name))["path"]
+
+    @property
+    def url(self) -> str:
+        return _tools().browser_state()["url"]
+
+    @property
+    def title(self) -> str:
+        return _tools().browser_state()["title"]
+
+
+browser = _Browser()
