@@ -25,7 +25,8 @@ def problems(path: Path) -> list[str]:
 def test_default_policy_grants_nothing_but_the_workspace() -> None:
     policy = default_policy()
     assert policy.grants == () and policy.mounts == ()
-    assert policy.credentials == {} and policy.tools == {}
+    assert policy.credentials == {}
+    assert (policy.tools.programs, policy.tools.browser, policy.tools.mcp) == ({}, None, {})
     assert policy.workspace.guest_path == "/workspace"
     assert policy.limits.timeout_s == 30.0 and policy.limits.max_sessions == 16
 
@@ -97,8 +98,10 @@ BAD = [
     ("[tools.mcp.gh]\nurl = 'http://h/mcp'\n", "tools.mcp.gh.allow: required key is missing"),
     ("[tools.mcp.gh]\nurl = 'http://h/mcp'\nallow = ['*']\ncredential = 'gh'\n",
      "tools.mcp.gh.credential: no [credentials.gh] in the policy"),
-    ("[tools.browser]\norigins = ['http://h']\n",
-     "tools.browser: unknown key (a typo, or a section this version does not have)"),
+    ("[tools.browser]\norigins = ['http://h/app']\n",
+     "tools.browser.origins: 'http://h/app' is not an origin such as 'https://example.com'"),
+    ("[tools.browser]\norigins = ['http://h']\ncredentials = { 'http://h' = 'gh' }\n",
+     "tools.browser.credentials: http://h names no [credentials.gh]"),
     ("grants = 'x'\n", "grants: Input should be a valid tuple"),
 ]
 
