@@ -9,20 +9,19 @@ loop thread of the broker's own, started at first use and closed with the run.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio.to_thread
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ubertool.tools import ToolFailure
+from ubertool.tools.broker import Broker
 from ubertool.tools.credentials import CredentialBroker, CredentialError
-from ubertool.tools.recorder import Recorder, recorded_call
+from ubertool.tools.recorder import Recorder
 from ubertool.tools.redact import Redactor
 
 # Headless Chromium on a machine with no outside network: no background traffic, no updates.
@@ -60,30 +59,21 @@ class BrowserSpec(BaseModel):
         return tuple(origin_of(v) for v in values)
 
 
-class BrowserBroker:
+class BrowserBroker(Broker):
     """The run's browser; use as a context manager (leaving it closes the browser)."""
+
+    prefix = "browser"
 
     def __init__(self, spec: BrowserSpec | None, workspace: Path, workspace_guest: str, *,
                  credentials: CredentialBroker | None, recorder: Recorder, redactor: Redactor,
                  on_event: Callable[..., None] | None = None) -> None:
+        super().__init__(recorder=recorder, redactor=redactor, on_event=on_event)
         self._spec = spec
         self._workspace = workspace
         self._workspace_guest = workspace_guest
         self._credentials = credentials
-        self._recorder = recorder
-        self._redactor = redactor
-        self._on_event = on_event or (lambda *a, **k: None)
-        self._stack = ExitStack()
-        self._portal: BlockingPortal | None = None
         self._page: Any = None
         self._blocked: list[str] = []
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> BrowserBroker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
 
     def tools(self) -> tuple[Callable[..., Any], ...]:
         return (self.browser_goto, self.browser_act, self.browser_text, self.browser_evaluate,
@@ -146,10 +136,6 @@ class BrowserBroker:
 
     # -- the host side -----------------------------------------------------------------------
 
-    def _recorded(self, op: str, arguments: dict[str, Any],
-                  perform: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        return recorded_call(self._recorder, f"browser.{op}", arguments, perform)
-
     def _run(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
         """Call the async `fn` on the browser's loop; report requests blocked meanwhile."""
         portal = self._start()
@@ -170,14 +156,13 @@ class BrowserBroker:
         if self._spec is None:
             raise ToolFailure("no browser in the policy; an operator adds [tools.browser] with its origins")
         with self._lock:
-            if self._portal is None:
+            portal = self._event_loop()
+            if self._page is None:
                 from playwright.async_api import async_playwright
 
-                portal = self._stack.enter_context(start_blocking_portal())
                 playwright = self._stack.enter_context(portal.wrap_async_context_manager(async_playwright()))
                 self._page = portal.call(self._launch, portal, playwright)
-                self._portal = portal
-            return self._portal
+            return portal
 
     async def _launch(self, portal: BlockingPortal, playwright: Any) -> Any:
         assert self._spec is not None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ import pexpect
 from pydantic import BaseModel, ConfigDict, Field
 
 from ubertool.tools import ToolFailure
-from ubertool.tools.recorder import Recorder, recorded_call
+from ubertool.tools.broker import Broker
+from ubertool.tools.recorder import Recorder
 from ubertool.tools.redact import Redactor
 
 _GRACE_S = 0.5  # how long close() lets a program end by itself before it is killed
@@ -50,25 +50,19 @@ class _Child:
     started: float = field(default_factory=time.monotonic)
 
 
-class ProgramBroker:
+class ProgramBroker(Broker):
     """The run's programs; use as a context manager (leaving it kills every child)."""
+
+    prefix = "programs"
 
     def __init__(self, specs: dict[str, ProgramSpec], workdir: Path, *, recorder: Recorder,
                  redactor: Redactor, on_event: Callable[..., None] | None = None) -> None:
+        super().__init__(recorder=recorder, redactor=redactor, on_event=on_event)
         self._specs = specs
         self._workdir = workdir
-        self._recorder = recorder
-        self._redactor = redactor
-        self._on_event = on_event or (lambda *a, **k: None)
         self._children: dict[int, _Child] = {}
         self._next = 1
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> ProgramBroker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close_all()
+        self._stack.callback(self.close_all)
 
     def close_all(self) -> None:
         with self._lock:
@@ -136,10 +130,6 @@ class ProgramBroker:
         return self._recorded("close", {"handle": handle}, lambda: self._close(handle))
 
     # -- the host side -----------------------------------------------------------------------
-
-    def _recorded(self, op: str, arguments: dict[str, Any],
-                  perform: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        return recorded_call(self._recorder, f"programs.{op}", arguments, perform)
 
     def _spawn(self, name: str, args: list[str]) -> dict[str, Any]:
         spec = self._specs.get(name)

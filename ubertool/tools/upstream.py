@@ -10,19 +10,19 @@ Clients connect at first use, on one event-loop thread of the broker's own, and 
 from __future__ import annotations
 
 import fnmatch
-import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager
 from typing import Any
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 from fastmcp import Client
 from fastmcp.client.transports import StdioTransport, StreamableHttpTransport
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ubertool.tools import ToolFailure
+from ubertool.tools.broker import Broker
 from ubertool.tools.credentials import CredentialBroker, CredentialError
-from ubertool.tools.recorder import Recorder, recorded_call
+from ubertool.tools.recorder import Recorder
 from ubertool.tools.redact import Redactor
 
 
@@ -47,26 +47,17 @@ class UpstreamSpec(BaseModel):
         return self
 
 
-class UpstreamBroker:
+class UpstreamBroker(Broker):
     """The run's upstream MCP clients; use as a context manager (leaving it closes them)."""
+
+    prefix = "mcp"
 
     def __init__(self, specs: dict[str, UpstreamSpec], *, credentials: CredentialBroker | None,
                  recorder: Recorder, redactor: Redactor, on_event: Callable[..., None] | None = None) -> None:
+        super().__init__(recorder=recorder, redactor=redactor, on_event=on_event)
         self._specs = specs
         self._credentials = credentials
-        self._recorder = recorder
-        self._redactor = redactor
-        self._on_event = on_event or (lambda *a, **k: None)
-        self._stack = ExitStack()
-        self._portal: BlockingPortal | None = None
         self._clients: dict[str, Client] = {}
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> UpstreamBroker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
 
     def tools(self) -> tuple[Callable[..., Any], ...]:
         return (self.mcp_servers, self.mcp_tools, self.mcp_call)
@@ -101,10 +92,6 @@ class UpstreamBroker:
 
     # -- the host side -----------------------------------------------------------------------
 
-    def _recorded(self, op: str, arguments: dict[str, Any],
-                  perform: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        return recorded_call(self._recorder, f"mcp.{op}", arguments, perform)
-
     def _spec(self, server: str) -> UpstreamSpec:
         spec = self._specs.get(server)
         if spec is None:
@@ -119,14 +106,13 @@ class UpstreamBroker:
     def _client(self, server: str) -> tuple[BlockingPortal, Client]:
         spec = self._spec(server)
         with self._lock:
-            if self._portal is None:
-                self._portal = self._stack.enter_context(start_blocking_portal())
+            portal = self._event_loop()
             client = self._clients.get(server)
             if client is None:
-                client = self._stack.enter_context(self._connect(self._portal, spec))
+                client = self._stack.enter_context(self._connect(portal, spec))
                 self._clients[server] = client
                 self._on_event("mcp_connected", server=server)
-            return self._portal, client
+            return portal, client
 
     def _connect(self, portal: BlockingPortal, spec: UpstreamSpec) -> AbstractContextManager[Client]:
         if spec.command is not None:
