@@ -15,8 +15,6 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from anyio.from_thread import BlockingPortal
-from fastmcp import Client
-from fastmcp.client.transports import StdioTransport, StreamableHttpTransport
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ubertool.tools import ToolFailure
@@ -57,7 +55,7 @@ class UpstreamBroker(Broker):
         super().__init__(recorder=recorder, redactor=redactor, on_event=on_event)
         self._specs = specs
         self._credentials = credentials
-        self._clients: dict[str, Client] = {}
+        self._clients: dict[str, Any] = {}
 
     def tools(self) -> tuple[Callable[..., Any], ...]:
         return (self.mcp_servers, self.mcp_tools, self.mcp_call)
@@ -103,7 +101,7 @@ class UpstreamBroker(Broker):
     def _allowed(self, server: str, tool: str) -> bool:
         return any(fnmatch.fnmatchcase(tool, pattern) for pattern in self._spec(server).allow)
 
-    def _client(self, server: str) -> tuple[BlockingPortal, Client]:
+    def _client(self, server: str) -> tuple[BlockingPortal, Any]:
         spec = self._spec(server)
         with self._lock:
             portal = self._event_loop()
@@ -114,7 +112,11 @@ class UpstreamBroker(Broker):
                 self._on_event("mcp_connected", server=server)
             return portal, client
 
-    def _connect(self, portal: BlockingPortal, spec: UpstreamSpec) -> AbstractContextManager[Client]:
+    def _connect(self, portal: BlockingPortal, spec: UpstreamSpec) -> AbstractContextManager[Any]:
+        # fastmcp's client takes about a second to import: only a run that uses it pays that.
+        from fastmcp import Client
+        from fastmcp.client.transports import StdioTransport, StreamableHttpTransport
+
         if spec.command is not None:
             transport: Any = StdioTransport(spec.command[0], list(spec.command[1:]), env=dict(spec.env))
         else:
