@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve shell test lint bench clean
+.PHONY: setup serve shell test lint bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: setup
 	$(BIN)/python bench/mcp_server.py
 	$(BIN)/python bench/mounts.py
 	$(BIN)/python bench/playbooks.py
+
+# ubertool beside its peers in one run; writes bench/results/peers.md.
+bench-peers: setup
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
