@@ -38,6 +38,10 @@ timeout_s = 1
 argv = ["echo"]
 extra_args = 2
 
+[tools.programs.pwd]
+argv = ["pwd"]
+cwd = "jobs/today"
+
 [tools.mcp.tracker]
 command = ["{sys.executable}", "{UPSTREAM}"]
 allow = ["add", "search_*", "explode"]
@@ -78,13 +82,16 @@ async def test_drive_sqlite_and_python_from_sandbox_code(tmp_path: Path) -> None
                              "e.before") == "'hello '"
         await ok(run, "db.sendline('.quit')\ndb.close()")
         assert await ok(run, "db.exitstatus") == "0"
+        where = await ok(run, "w = programs.spawn('pwd')\nw.expect('today')\nw.before + w.after")
+        assert where.endswith("/workspace/jobs/today'")
+        assert await ok(run, "import os\nos.path.isdir('/workspace/jobs/today')") == "True"
 
 
 async def test_refusals_name_the_policy_line(tmp_path: Path) -> None:
     async with tool_run(tmp_path) as run:
         await ok(run, "from ubertool import programs")
         assert await refused(run, "programs.spawn('bash')") == (
-            "no program 'bash' in the policy (allowed: cat, echo, python, sqlite); an operator adds "
+            "no program 'bash' in the policy (allowed: cat, echo, pwd, python, sqlite); an operator adds "
             "[tools.programs.bash] with its argv")
         assert await refused(run, "programs.spawn('echo', ['a', 'b', 'c'])") == (
             "program 'echo' takes at most 2 extra arguments (policy tools.programs.echo.extra_args)")
@@ -151,3 +158,17 @@ async def test_a_playbook_that_used_the_tools_replays(tmp_path: Path, _isolated_
         done = subprocess.run([ubertool_command(), "replay", str(playbook), *extra], capture_output=True,
                               text=True, timeout=120, env=env)
         assert (done.returncode, done.stdout) == (0, "total 50\n"), done.stderr
+
+
+async def test_every_tool_call_is_audited(tmp_path: Path, _isolated_home: Path) -> None:
+    import json
+
+    async with tool_run(tmp_path) as run:
+        await ok(run, "from ubertool import programs, mcp\n"
+                      "e = programs.spawn('echo', ['hi'])\ne.expect('hi')")
+        await run.cell("programs.spawn('bash')")
+        await ok(run, "mcp.call('tracker', 'add', a=1, b=2)")
+    lines = next(_isolated_home.glob("runs/*/audit.jsonl")).read_text().splitlines()
+    calls = [(e["tool"], e["ok"]) for e in map(json.loads, lines) if e["event"] == "tool_call"]
+    assert calls == [("programs.spawn", True), ("programs.expect", True), ("programs.spawn", False),
+                     ("mcp.call", True)]

@@ -4,12 +4,14 @@ and an exit stack closed with the run (and, for async libraries, an event loop o
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from ubertool.tools import ToolFailure
 from ubertool.tools.recorder import Recorder, recorded_call
 from ubertool.tools.redact import Redactor
 
@@ -36,7 +38,17 @@ class Broker:
 
     def _recorded(self, op: str, arguments: dict[str, Any],
                   perform: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        return recorded_call(self._recorder, f"{self.prefix}.{op}", arguments, perform)
+        """Record the call (a replay answers it from the recording) and audit what happened."""
+        tool = f"{self.prefix}.{op}"
+        started = time.monotonic()
+        try:
+            answer = recorded_call(self._recorder, tool, arguments, perform)
+        except ToolFailure as exc:
+            self._on_event("tool_call", tool=tool, ok=False, error=str(exc)[:300],
+                           duration_s=round(time.monotonic() - started, 6))
+            raise
+        self._on_event("tool_call", tool=tool, ok=True, duration_s=round(time.monotonic() - started, 6))
+        return answer
 
     def _event_loop(self) -> BlockingPortal:
         """The broker's own event-loop thread, started at first use (call with `_lock` held)."""

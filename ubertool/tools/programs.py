@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pexpect
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ubertool.tools import ToolFailure
 from ubertool.tools.broker import Broker
@@ -35,12 +35,20 @@ class ProgramSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     argv: tuple[str, ...] = Field(min_length=1, strict=False)
+    cwd: str = ""  # a folder inside the run's workspace (made if missing); "" is the workspace
     env: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(10.0, gt=0, le=3600)  # the longest one expect/read waits
     lifetime_s: float = Field(600.0, gt=0, le=86_400)  # then the child is killed
     max_output_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)  # per answer
     extra_args: int = Field(0, ge=0, le=64)  # how many arguments the guest may add
     arg_pattern: str = r"^[\w.,:=/+-]*$"
+
+    @field_validator("cwd")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        if value.startswith("/") or ".." in Path(value).parts:
+            raise ValueError(f"{value!r}: a folder relative to the workspace, without '..'")
+        return value
 
 
 @dataclass
@@ -143,11 +151,12 @@ class ProgramBroker(Broker):
         for arg in args:
             if not re.match(spec.arg_pattern, arg):
                 raise ToolFailure(f"argument {arg!r} does not match tools.programs.{name}.arg_pattern")
-        self._workdir.mkdir(parents=True, exist_ok=True)
+        cwd = self._workdir / spec.cwd
+        cwd.mkdir(parents=True, exist_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self._workdir),
                "LANG": "C.UTF-8", "TERM": "dumb", **spec.env}
         try:
-            process = pexpect.spawn(spec.argv[0], [*spec.argv[1:], *args], cwd=str(self._workdir), env=env,
+            process = pexpect.spawn(spec.argv[0], [*spec.argv[1:], *args], cwd=str(cwd), env=env,
                                     encoding="utf-8", codec_errors="replace", timeout=spec.timeout_s,
                                     maxread=65536, echo=False, dimensions=(24, 200))
         except pexpect.ExceptionPexpect as exc:
