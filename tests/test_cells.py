@@ -205,3 +205,23 @@ async def test_the_guest_helper_describes_the_sandbox(make_config) -> None:
     async with SandboxSession(config) as s:
         result = await s.run("import ubertool\nubertool.about()")
         assert str(result.stdout) == "Folders: /workspace (writable).\n"
+
+
+async def test_workspace_quota_fails_the_cell_that_passes_it(make_config) -> None:
+    async with SandboxSession(make_config(workspace_bytes=10_000)) as s:
+        assert (await s.run("open('/workspace/small', 'wb').write(b'x' * 5000)")).status is Status.OK
+        over = await s.run("open('/workspace/big', 'wb').write(b'x' * 8000)")
+        assert over.status is Status.ERROR and over.error is not None
+        assert over.error.type == "QuotaExceeded"
+        assert over.error.message == ("the workspace holds 13000 bytes, over its quota of 10000 bytes; "
+                                      "delete files to go on")
+        assert (await s.run("import os\nos.remove('/workspace/big')")).status is Status.OK
+
+
+async def test_open_files_are_capped_per_session(make_config) -> None:
+    async with SandboxSession(make_config(open_files=40)) as s:
+        result = await s.run("fs = [open(f'/workspace/f{i}', 'w') for i in range(100)]")
+        assert result.error is not None and result.error.type == "OSError"
+        assert "No file descriptors available" in result.error.message
+        again = await s.run("import gc\ngc.collect()\nopen('/workspace/again', 'w').close()")
+        assert again.status is Status.OK  # the leaked files were closed: the session goes on

@@ -55,6 +55,8 @@ class Limits(_Section):
     output_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)
     code_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)
     reply_bytes: int = Field(20_000, ge=256, le=64 * 2**20)
+    open_files: int = Field(256, ge=16, le=65536)
+    tool_calls: int = Field(1000, ge=1, le=1_000_000)  # host-tool calls in one cell
     session_idle_s: PositiveSeconds = 900.0
     session_lifetime_s: PositiveSeconds = 3600.0
     max_sessions: int = Field(16, ge=1, le=1024)
@@ -83,6 +85,7 @@ class Workspace(_Section):
 
     guest_path: str = "/workspace"
     keep: bool = False  # keep a run's workspace on disk after the run ends
+    quota_mib: int = Field(1024, ge=1, le=1024 * 1024)  # checked as each cell ends
 
     _check_guest = field_validator("guest_path")(_guest_path)
 

@@ -126,7 +126,8 @@ def _limits(policy: Policy) -> Limits:
     limits = policy.limits
     return Limits(timeout_s=limits.timeout_s, memory_bytes=limits.memory_mib * 2**20,
                   output_bytes=limits.output_bytes, code_bytes=limits.code_bytes,
-                  restore_timeout_s=limits.max_timeout_s)
+                  restore_timeout_s=limits.max_timeout_s, open_files=limits.open_files,
+                  tool_calls=limits.tool_calls, workspace_bytes=policy.workspace.quota_mib * 2**20)
 
 
 def source_facts(record: RunRecord) -> dict[str, Any]:

@@ -22,6 +22,9 @@ class Limits:
     the runtime caps it). `memory_bytes` bounds the interpreter's whole memory for the session.
     `output_bytes` bounds each stream of each cell (head and tail are kept); `code_bytes` the
     source of one cell. `restore_timeout_s` bounds each cell replayed by a restore.
+    `open_files` bounds the files a session holds open at once, `tool_calls` the host-tool
+    calls of one cell. A cell that leaves the workspace over `workspace_bytes` fails (checked
+    when it ends; the files stay, for the code to delete).
     """
 
     timeout_s: float = 30.0
@@ -29,6 +32,9 @@ class Limits:
     output_bytes: int = 2**20
     code_bytes: int = 2**20
     restore_timeout_s: float = 300.0
+    open_files: int = 256
+    tool_calls: int = 1000
+    workspace_bytes: int | None = None
 
 
 @dataclass(frozen=True)

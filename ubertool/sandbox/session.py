@@ -10,8 +10,10 @@ start that later cells changed (the replay sees them as they are now).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
@@ -156,6 +158,9 @@ class SandboxSession:
         out = engine.read_outcome(done, ended, timeout)
         if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
+        over = self._over_quota()
+        if over and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
+            out = replace(out, status=Status.ERROR, error=CellError("QuotaExceeded", over, over))
         exchanges = self.config.recorder.take()
         if out.status in COMPLETED:
             self._history.append(_Cell(number, code, echo, out.status, exchanges))
@@ -167,6 +172,17 @@ class SandboxSession:
             value=out.value, error=out.error, duration_s=duration, message=out.message,
             images=out.images, notes=tuple(notes), exchanges=exchanges, restored=restored,
         )
+
+    def _over_quota(self) -> str:
+        """Why the workspace is over its quota, or ''."""
+        quota = self.config.limits.workspace_bytes
+        if quota is None:
+            return ""
+        used = sum(entry.stat(follow_symlinks=False).st_size for entry in _walk(self.config.workspace))
+        if used <= quota:
+            return ""
+        return (f"the workspace holds {used} bytes, over its quota of {quota} bytes; "
+                "delete files to go on")
 
     def _end_of_cell(self) -> tuple[list[str], str]:
         """Write back what mounts hold for this cell; the providers' notes and a write error."""
@@ -220,6 +236,16 @@ class SandboxSession:
         if status is cell.status:
             return ""
         return f"cell {cell.number} ended '{status}' on replay, not '{cell.status}' as it first did"
+
+
+def _walk(folder: Path) -> Iterator[os.DirEntry[str]]:
+    """Every file below `folder`, links not followed."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk(Path(entry.path))
+            else:
+                yield entry
 
 
 def _denied(number: int, message: str) -> CellResult:
