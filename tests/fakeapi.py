@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import secrets
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -124,6 +126,18 @@ def _truncated(handler: _Handler, state: ApiState) -> None:
     handler.close_connection = True
 
 
+def _reset(handler: _Handler, state: ApiState) -> None:
+    # Linger 0 makes close() send a TCP reset instead of an orderly end.
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.connection.close()
+    handler.close_connection = True
+
+
+def _garbage(handler: _Handler, state: ApiState) -> None:
+    handler.wfile.write(b"\x00\x01 this is not HTTP at all \xff\r\n\r\n")
+    handler.close_connection = True
+
+
 def _counter(handler: _Handler, state: ApiState) -> None:
     handler._send(200, str(state.hits["/v1/counter"]).encode())
 
@@ -135,6 +149,8 @@ _SPECIAL = {
     "/bomb": _bomb,
     "/truncated": _truncated,
     "/counter": _counter,
+    "/reset": _reset,
+    "/garbage": _garbage,
     "/echo-auth": lambda h, s: h._send(200, (h.headers.get("Authorization") or "none").encode()),
     "/redirect-out": lambda h, s: h._send(302, b"", {"Location": s.other_origin + "/v1/hello.txt"}),
     "/redirect-in": lambda h, s: h._send(302, b"", {"Location": "/v1/hello.txt"}),

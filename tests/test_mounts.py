@@ -202,6 +202,8 @@ async def test_token_exchange_asks_for_a_narrowed_token(
     ("slow", "", "TimeoutError", ""),
     ("fail", "", "OSError", "mount api: GET /fail answered HTTP 500"),
     ("truncated", "", "OSError", ""),
+    ("reset", "", "OSError", ""),
+    ("garbage", "", "OSError", ""),
 ])
 async def test_refusals_and_backend_faults(api: tuple[str, ApiState], policy_file: Callable[[str], Path],
                                            path: str, extra: str, kind: str, note: str) -> None:

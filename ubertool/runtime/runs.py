@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -93,7 +94,12 @@ class Run:
         journaled = JournalCell.of(self.redactor.text(code), result, result.exchanges)
         self.record.cells.append(journaled)
         if self.journal is not None:
-            self.journal.add_cell(self.id, journaled)
+            try:
+                self.journal.add_cell(self.id, journaled)
+            except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: the cell's result still counts
+                note = f"the journal could not record this cell ({exc}); it is not in playbooks dumped later"
+                self.audit.event("journal_failed", cell=result.cell, error=str(exc))
+                result = replace(result, notes=(*result.notes, note))
         restored = result.restored
         self.audit.event(
             "cell_end", cell=result.cell, status=str(result.status), duration_s=round(result.duration_s, 6),

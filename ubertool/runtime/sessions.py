@@ -76,8 +76,9 @@ class SessionManager:
                     raise SessionError(
                         f"no open session {handle!r}: it expired (idle over "
                         f"{self.policy.limits.session_idle_s:g} s or older than "
-                        f"{self.policy.limits.session_lifetime_s:g} s), was closed, or never existed. "
-                        "Call again without `session` to start a new one.")
+                        f"{self.policy.limits.session_lifetime_s:g} s), was closed, the server "
+                        "restarted, or it never existed. Call again without `session` to start a new "
+                        "one (its finished cells are in the journal: `ubertool sessions dump`).")
                 return handle, live.run
             if key is not None and key in self._by_key:
                 bound = self._by_key[key]
