@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve shell test lint bench bench-peers clean
+.PHONY: setup serve shell test lint bench bench-peers soak clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: setup
 bench-peers: setup
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/peers.py
+
+# 32 concurrent MCP sessions of mixed cells for 5 minutes (CI runs a short one in the tests).
+soak: setup
+	$(BIN)/python bench/soak.py --sessions 32 --seconds 300
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
