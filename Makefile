@@ -26,6 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: setup lint
+	bash .ci/system-deps
 	$(BIN)/pytest
 
 bench: setup
