@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,9 @@ from fastmcp.client.transports import StdioTransport
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sandbox import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from servers import start_http_server
 
 from ubertool.sandbox import Limits, SandboxConfig, SandboxSession
 
@@ -53,19 +55,7 @@ async def first_call(client: Client) -> tuple[float, str]:
 
 
 def start_http(policy: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([UBERTOOL, "serve", "--transport", "http", "--port", str(port),
-                             "--policy", str(policy)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}/mcp"
+    return start_http_server(UBERTOOL, dict(os.environ), ["--policy", str(policy)])
 
 
 async def bench(cells: int, sessions: int, per_session: int, folder: Path) -> None:

@@ -14,19 +14,19 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 from fastmcp import Client
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from servers import start_http_server
 
 UBERTOOL = str(Path(sys.executable).with_name("ubertool"))
 MIX = [  # (weight, code, timeout_s)
@@ -85,22 +85,9 @@ async def session(url: str, until: float, tally: Tally, rng: random.Random) -> N
 
 
 def start_server(home: Path, sessions: int) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     policy = home / "soak-policy.toml"
     policy.write_text(f"[limits]\nmax_sessions = {sessions + 4}\nmemory_mib = 256\n")
-    proc = subprocess.Popen([UBERTOOL, "serve", "--transport", "http", "--port", str(port), "--policy",
-                             str(policy)], env={**os.environ, "UBERTOOL_HOME": str(home)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}/mcp"
+    return start_http_server(UBERTOOL, {**os.environ, "UBERTOOL_HOME": str(home)}, ["--policy", str(policy)])
 
 
 async def soak(sessions: int, seconds: float, home: Path) -> dict[str, object]:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from servers import start_http_server
 
 from ubertool.sandbox import HostFolder, Limits, SandboxConfig, SandboxSession
 
@@ -54,42 +55,15 @@ def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **extra}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def serve_http(_isolated_home: Path) -> Iterator[Callable[..., str]]:
     """Start `ubertool serve --transport http` on a loopback port; returns its /mcp URL."""
-    import subprocess
-    import time
-    import urllib.request
-
-    started: list[subprocess.Popen[bytes]] = []
+    started = []
 
     def start(*args: str) -> str:
-        port = free_port()
-        proc = subprocess.Popen([ubertool_command(), "serve", "--transport", "http", "--port", str(port),
-                                 *args], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc, url = start_http_server(ubertool_command(), cli_env(), args)
         started.append(proc)
-        url = f"http://127.0.0.1:{port}/mcp"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-            except urllib.error.HTTPError:
-                return url  # it answers HTTP
-            except OSError:
-                time.sleep(0.1)
-                continue
-            return url
-        raise RuntimeError("the server did not start within 60 s")
+        return url
 
     yield start
     for proc in started:

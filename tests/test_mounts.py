@@ -239,7 +239,7 @@ async def test_private_address_by_name_is_refused_unless_allowed(
 
 
 async def test_connection_refused(policy_file: Callable[[str], Path]) -> None:
-    from conftest import free_port
+    from servers import free_port
 
     async with run_with(policy_file(mount(f"http://127.0.0.1:{free_port()}"))) as run:
         kind, _ = await failure(run, "open('/remote/api/hello.txt').read()")

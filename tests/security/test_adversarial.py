@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_env, free_port, ubertool_command
+from conftest import cli_env, ubertool_command
 from fakeapi import ApiState, serve_api
 from fastmcp import Client
+from servers import start_http_server
 
 TOKEN = "adversarial-secret-token-5c2e"
 pytestmark = pytest.mark.anyio
@@ -126,10 +127,6 @@ def api() -> Iterator[tuple[str, ApiState]]:
 @pytest.fixture(scope="module")
 async def client(home: Path, api: tuple[str, ApiState],
                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
-    import subprocess
-    import time
-    import urllib.request
-
     url, _ = api
     policy = tmp_path_factory.mktemp("adversarial-policy") / "policy.toml"
     policy.write_text(
@@ -140,20 +137,10 @@ async def client(home: Path, api: tuple[str, ApiState],
         f"[[mounts]]\nkind = 'http'\nname = 'byname'\nguest = '/byname'\n"
         f"base_url = '{url.replace('127.0.0.1', 'localhost')}/v1'\n"
         "[credentials.api]\nsource = 'env'\nenv = 'ADVERSARIAL_TOKEN'\n")
-    port = free_port()
     env = {**cli_env(), "UBERTOOL_HOME": str(home), "ADVERSARIAL_TOKEN": TOKEN}
-    server = subprocess.Popen([ubertool_command(), "serve", "--transport", "http", "--port", str(port),
-                               "--policy", str(policy)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            time.sleep(0.1)
+    server, mcp_url = start_http_server(ubertool_command(), env, ["--policy", str(policy)])
     try:
-        async with Client(f"http://127.0.0.1:{port}/mcp", timeout=60) as c:
+        async with Client(mcp_url, timeout=60) as c:
             yield c
         assert server.poll() is None, "the server died during the suite"
     finally:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import anyio
 import pytest
-from conftest import cli_env, free_port, ubertool_command
+from conftest import cli_env, ubertool_command
 from fastmcp import Client
+from servers import free_port, start_http_server
 
 from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import default_policy
@@ -22,17 +21,7 @@ pytestmark = pytest.mark.anyio
 
 
 def start_server(port: int, home: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([ubertool_command(), "serve", "--transport", "http", "--port", str(port)],
-                            env={**cli_env(), "UBERTOOL_HOME": str(home)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-        except urllib.error.HTTPError:
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("the server did not start")
+    return start_http_server(ubertool_command(), {**cli_env(), "UBERTOOL_HOME": str(home)}, port=port)[0]
 
 
 async def test_server_killed_mid_cell_then_restarted(tmp_path: Path) -> None:
