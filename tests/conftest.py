@@ -52,7 +52,10 @@ def ubertool_command() -> str:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, **extra}
+    """The environment for a command a test starts: ours, with the project's venv first on PATH
+    (as a user who installed ubertool has it), plus `extra`."""
+    path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **extra}
 
 
 @pytest.fixture

@@ -71,14 +71,13 @@ async def test_no_browser_in_policy_is_a_clear_refusal(tmp_path: Path) -> None:
 
 
 async def test_a_browser_playbook_replays_live_and_offline(tmp_path: Path, _isolated_home: Path) -> None:
-    import os
     import subprocess
 
-    from conftest import VENV_BIN, cli_env, ubertool_command
+    from conftest import cli_env, ubertool_command
 
     from ubertool.runtime.journal import Journal, default_journal_path
 
-    env = {**cli_env(), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = cli_env()
     with serve_form() as app:
         url = url_of(app)
         policy = tmp_path / "policy.toml"

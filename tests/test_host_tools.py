@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN, cli_env, ubertool_command
+from conftest import cli_env, ubertool_command
 
 from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import load_policy
@@ -153,7 +153,7 @@ async def test_a_playbook_that_used_the_tools_replays(tmp_path: Path, _isolated_
             await ok(run, "total = mcp.call('tracker', 'add', a=answer, b=8)\nprint('total', total)")
             saved = await ok(run, "import ubertool\nubertool.save_playbook('tools-demo')")
     playbook = Path(eval(saved)["path"])
-    env = {**cli_env(), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = cli_env()
     for extra in ([], ["--offline", "--check"]):
         done = subprocess.run([ubertool_command(), "replay", str(playbook), *extra], capture_output=True,
                               text=True, timeout=120, env=env)

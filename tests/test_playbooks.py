@@ -4,14 +4,13 @@ replayed by `ubertool replay` and by `python playbook.py`; mounts live and offli
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN, cli_env, ubertool_command
+from conftest import cli_env, ubertool_command
 from fakeapi import serve_api
 from fastmcp import Client
 from fastmcp.client.transports import StdioTransport
@@ -21,10 +20,8 @@ pytestmark = pytest.mark.anyio
 
 
 def ubertool(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = cli_env(**env)
-    environment["PATH"] = f"{VENV_BIN}{os.pathsep}{environment.get('PATH', '')}"
     return subprocess.run([ubertool_command(), *args], capture_output=True, text=True, timeout=300,
-                          env=environment, cwd=cwd)
+                          env=cli_env(**env), cwd=cwd)
 
 
 async def call(client: Client, code: str) -> dict:
@@ -59,7 +56,7 @@ async def test_session_to_playbook_to_replay(_isolated_home: Path, tmp_path: Pat
     replayed = ubertool("replay", str(playbook))
     assert (replayed.returncode, replayed.stdout) == (0, "total is 45\n"), replayed.stderr
     direct = subprocess.run([sys.executable, str(playbook)], capture_output=True, text=True, timeout=300,
-                            env={**cli_env(), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"})
+                            env=cli_env())
     assert (direct.returncode, direct.stdout) == (0, "total is 45\n"), direct.stderr
     override = ubertool("replay", str(playbook), "-p", "rate=10")
     assert (override.returncode, override.stdout) == (0, "total is 150\n")
