@@ -72,6 +72,25 @@ class Playbook:
         return path if path.is_absolute() else (self.path.parent / path)
 
 
+def parse_assignments(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`NAME=VALUE` pairs as given on a command line: VALUE is read as a Python literal when it
+    is one (`3`, `'EMEA'`, `[1, 2]`), else as text.
+
+    Raises:
+        PlaybookError: a pair without `=`.
+    """
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep:
+            raise PlaybookError(f"-p {pair!r}: write it as NAME=VALUE")
+        try:
+            values[name] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            values[name] = raw
+    return values
+
+
 def parameters_code(values: dict[str, Any]) -> str:
     return "".join(f"{name} = {value!r}\n" for name, value in values.items())
 

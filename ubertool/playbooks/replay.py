@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ubertool.playbooks.format import Playbook, parameters_code
+from ubertool.playbooks.format import Playbook, PlaybookError, parameters_code, parse_assignments
 from ubertool.runtime.journal import Journal, decode_exchanges
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.render import render
@@ -31,20 +31,15 @@ class ReplayUsageError(Exception):
 
 
 def parse_overrides(pairs: list[str], playbook: Playbook) -> dict[str, Any]:
-    """`NAME=VALUE` pairs: VALUE is read as a Python literal when it is one, else as text."""
-    declared = playbook.parameters
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        if not sep:
-            raise ReplayUsageError(f"-p {pair!r}: write it as NAME=VALUE")
-        if name not in declared:
-            known = ", ".join(declared) or "none"
+    """`NAME=VALUE` overrides (see `parse_assignments`) of the playbook's declared parameters."""
+    try:
+        values = parse_assignments(pairs)
+    except PlaybookError as exc:
+        raise ReplayUsageError(str(exc)) from None
+    for name in values:
+        if name not in playbook.parameters:
+            known = ", ".join(playbook.parameters) or "none"
             raise ReplayUsageError(f"-p {name}: not a parameter of {playbook.name} (its parameters: {known})")
-        try:
-            values[name] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            values[name] = raw
     return values
 
 

@@ -210,20 +210,14 @@ def sessions_list(limit: int) -> None:
 def sessions_dump(ref: str, output: Path, name: str | None, description: str,
                   params: tuple[str, ...]) -> None:
     """Write the session REF (a run id, a prefix of one, or a session handle) as a playbook."""
-    import ast
-
     from ubertool.playbooks.dump import dump, write_playbook
+    from ubertool.playbooks.format import PlaybookError, parse_assignments
     from ubertool.runtime.runs import RunRecord, source_facts
 
-    defaults: dict[str, Any] = {}
-    for pair in params:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise click.UsageError(f"-p {pair!r}: write it as NAME=VALUE")
-        try:
-            defaults[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            defaults[key] = raw
+    try:
+        defaults = parse_assignments(params)
+    except PlaybookError as exc:
+        raise click.UsageError(str(exc)) from None
     with Journal(default_journal_path()) as journal:
         found = journal.find_run(ref)
         if found is None:
