@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS cells (
 );
 """
 
+# A run's row as `JournalRun` takes it, with its number of cells.
+_SELECT_RUNS = ("SELECT r.id, r.kind, r.started, r.ended, r.policy_source, r.policy_sha256, r.session, "
+                "(SELECT COUNT(*) FROM cells c WHERE c.run_id = r.id) FROM runs r")
+
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -152,19 +156,13 @@ class Journal:
                         encode_exchanges(cell.exchanges)))
 
     def runs(self, limit: int = 50) -> list[JournalRun]:
-        rows = self._read(
-            "SELECT r.id, r.kind, r.started, r.ended, r.policy_source, r.policy_sha256, r.session, "
-            "(SELECT COUNT(*) FROM cells c WHERE c.run_id = r.id) FROM runs r "
-            "ORDER BY r.started DESC, r.id DESC LIMIT ?", (limit,))
+        rows = self._read(f"{_SELECT_RUNS} ORDER BY r.started DESC, r.id DESC LIMIT ?", (limit,))
         return [JournalRun(*row) for row in rows]
 
     def find_run(self, ref: str) -> JournalRun | None:
         """A run by its id, a unique prefix of it, or its session handle."""
-        row = self._read(
-            "SELECT r.id, r.kind, r.started, r.ended, r.policy_source, r.policy_sha256, r.session, "
-            "(SELECT COUNT(*) FROM cells c WHERE c.run_id = r.id) FROM runs r "
-            "WHERE r.id = ? OR r.session = ? OR r.id LIKE ? ORDER BY r.started DESC LIMIT 2",
-            (ref, ref, ref + "%"))
+        row = self._read(f"{_SELECT_RUNS} WHERE r.id = ? OR r.session = ? OR r.id LIKE ? "
+                         "ORDER BY r.started DESC LIMIT 2", (ref, ref, ref + "%"))
         return JournalRun(*row[0]) if len(row) == 1 or (row and ref in (row[0][0], row[0][6])) else None
 
     def cells(self, run_id: str) -> list[JournalCell]:
