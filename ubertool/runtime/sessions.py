@@ -57,10 +57,6 @@ class SessionManager:
                     for handle in list(self._live):
                         await self.close(handle, reason="server stopping")
 
-    @property
-    def open_count(self) -> int:
-        return len(self._live)
-
     async def get(self, handle: str | None, key: str | None) -> tuple[str, Run]:
         """The session named by `handle`, else the one bound to the connection `key`, else a
         new one (bound to `key` when given).

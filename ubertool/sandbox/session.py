@@ -64,8 +64,7 @@ class SandboxSession:
         self._cancel: threading.Event | None = None
         self._initial: dict[Path, frozenset[str]] = {}
         self.last_restore: RestoreReport | None = None
-        self.started_at = time.monotonic()
-        self.last_active = self.started_at
+        self.last_active = time.monotonic()
 
     async def __aenter__(self) -> SandboxSession:
         writable = [self.config.workspace, *(f.host for f in self.config.folders if f.writable)]
@@ -88,11 +87,6 @@ class SandboxSession:
     def busy(self) -> bool:
         """Whether a cell is running or waiting to run."""
         return self._lock.locked()
-
-    @property
-    def cells(self) -> int:
-        """How many cells were sent so far."""
-        return self._next - 1
 
     def interrupt(self) -> None:
         """Stop the running cell, if any (thread-safe). Its result says `cancelled`."""
