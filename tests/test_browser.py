@@ -95,3 +95,17 @@ async def test_a_browser_playbook_replays_live_and_offline(tmp_path: Path, _isol
             done = subprocess.run([ubertool_command(), "replay", str(playbook), *extra], capture_output=True,
                                   text=True, timeout=120, env=env)
             assert (done.returncode, done.stdout) == (0, "Hello, Grace!\n"), done.stderr
+
+
+async def test_a_screenshot_never_follows_a_link_out_of_the_workspace(tmp_path: Path) -> None:
+    with serve_form() as app:
+        url = url_of(app)
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f"[tools.browser]\norigins = ['{url}']\n")
+        async with open_run(load_policy(policy)) as run:
+            result = await run.cell(f"import os\nfrom ubertool import browser\nbrowser.goto('{url}/')\n"
+                                    "os.symlink('../escape.png', '/workspace/shot.png')\n"
+                                    "browser.screenshot('shot.png')")
+            assert result.error is not None and result.error.type == "host.ToolError"
+            assert result.error.message.startswith("screenshot 'shot.png' could not be written")
+            assert not (run.workspace.parent / "escape.png").exists()

@@ -7,9 +7,6 @@ head and tail kept; the whole part is then saved in the workspace, and the text 
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
-from pathlib import Path
 from typing import Any
 
 from fastmcp.tools import ToolResult
@@ -18,6 +15,7 @@ from mcp.types import ImageContent, TextContent
 from ubertool.runtime.render import restore_note
 from ubertool.runtime.runs import Run
 from ubertool.sandbox import CellResult, Status
+from ubertool.tools.files import write_no_follow
 
 SAVED_DIR = ".ubertool"
 
@@ -31,28 +29,13 @@ def _fit(text: str, run: Run, cell: int, part: str) -> tuple[str, str | None]:
     name = f"cell-{cell}-{part}.txt"
     guest: str | None = f"{run.policy.workspace.guest_path}/{SAVED_DIR}/{name}"
     try:
-        _save(run.workspace / SAVED_DIR, name, data)
+        write_no_follow(run.workspace / SAVED_DIR, name, data)
         where = f"all of it is in {guest}"
     except OSError:
         guest, where = None, "it could not be saved"
     half = cap // 2
     head, tail = data[:half].decode("utf-8", "replace"), data[-half:].decode("utf-8", "replace")
     return f"{head}\n[... {len(data) - 2 * half} bytes not shown; {where} ...]\n{tail}", guest
-
-
-def _save(folder: Path, name: str, data: bytes) -> None:
-    """Write `folder/name` without following any link the guest may have put in the way (the
-    guest owns the workspace; a link there must not turn this into a write elsewhere)."""
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir()
-    nofollow = os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0)
-    folder_fd = os.open(folder, os.O_RDONLY | nofollow)
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=folder_fd)
-    finally:
-        os.close(folder_fd)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
 
 
 def _status_line(result: CellResult) -> str:

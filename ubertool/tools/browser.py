@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ubertool.tools import ToolFailure
 from ubertool.tools.broker import Broker
 from ubertool.tools.credentials import CredentialBroker, CredentialError
+from ubertool.tools.files import write_no_follow
 from ubertool.tools.recorder import Recorder
 from ubertool.tools.redact import Redactor
 
@@ -245,7 +246,11 @@ class BrowserBroker(Broker):
     async def _screenshot(self, name: str) -> dict[str, Any]:
         if not name or "/" in name or name.startswith(".") or not name.endswith(".png"):
             raise ToolFailure(f"screenshot name {name!r}: a plain file name ending in .png")
-        await self._page.screenshot(path=str(self._workspace / name))
+        png = await self._page.screenshot()
+        try:
+            write_no_follow(self._workspace, name, png)
+        except OSError as exc:
+            raise ToolFailure(f"screenshot {name!r} could not be written: {exc.strerror or exc}") from None
         return {"path": f"{self._workspace_guest}/{name}"}
 
     async def _state(self) -> dict[str, Any]:
