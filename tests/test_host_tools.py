@@ -85,6 +85,10 @@ async def test_drive_sqlite_and_python_from_sandbox_code(tmp_path: Path) -> None
         where = await ok(run, "w = programs.spawn('pwd')\nw.expect('today')\nw.before + w.after")
         assert where.endswith("/workspace/jobs/today'")
         assert await ok(run, "import os\nos.path.isdir('/workspace/jobs/today')") == "True"
+        message = await refused(run, "import shutil\nshutil.rmtree('/workspace/jobs')\n"
+                                     "os.symlink('..', '/workspace/jobs')\nprograms.spawn('pwd')")
+        assert message == "program 'pwd': its folder 'jobs/today' leads out of the workspace"
+        assert not (run.workspace.parent / "today").exists()
 
 
 async def test_refusals_name_the_policy_line(tmp_path: Path) -> None:

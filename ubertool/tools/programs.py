@@ -152,6 +152,10 @@ class ProgramBroker(Broker):
             if not re.match(spec.arg_pattern, arg):
                 raise ToolFailure(f"argument {arg!r} does not match tools.programs.{name}.arg_pattern")
         cwd = self._workdir / spec.cwd
+        # The guest owns the workspace: a link it made on the way must not lead the child out
+        # (checked before anything is made; the guest waits while this call runs).
+        if not cwd.resolve().is_relative_to(self._workdir.resolve()):
+            raise ToolFailure(f"program {name!r}: its folder {spec.cwd!r} leads out of the workspace")
         cwd.mkdir(parents=True, exist_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self._workdir),
                "LANG": "C.UTF-8", "TERM": "dumb", **spec.env}
