@@ -1,22 +1,23 @@
 #!/usr/bin/env python3
-# ubertool playbook: `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly.
-"""primes: Count the primes up to a limit with a numpy sieve
+# ubertool playbook: replay it with `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly.
+# ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:11+00:00", "format": 2, "mounts": [], "name": "primes", "params": ["limit"], "policy": null, "policy_sha256": "54dda4c033a6d1ef13dd0c984fffac6775fb23effa7497fd02ec8c467aac26a4", "recording": "primes.recording.json", "run": "20261122T204643-bb2b1333", "ubertool": "ubertool"}
+#
+# primes: Count the primes up to a limit with a numpy sieve
+#
+# Source: run 20261122T204643-bb2b1333
+# Policy: <embedded default policy> (sha256:54dda4c033a6d1ef)
+# Mounts: none
+# Credentials: none
+# Parameters: limit (default 100)
 
-Source: session -, run 20261122T204643-bb2b1333
-Policy: <embedded default policy> (sha256:54dda4c033a6d1ef)
-Mounts: none
-Credentials: none
-Parameters: limit (default 100)
-"""
-# ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:11+00:00", "format": 1, "mounts": [], "name": "primes", "params": ["limit"], "policy": null, "policy_sha256": "54dda4c033a6d1ef13dd0c984fffac6775fb23effa7497fd02ec8c467aac26a4", "recording": "primes.recording.json", "run": "20261122T204643-bb2b1333", "session": null, "ubertool": "ubertool"}
-
-if __name__ == "__main__":  # run directly: ubertool runs this file in the sandbox
+if __name__ == "__main__":  # run directly: ubertool replays this file in the sandbox
     import os
     import shutil
     import sys
 
-    _ubertool = shutil.which("ubertool") or "ubertool"
+    _ubertool = shutil.which("ubertool") or 'ubertool'
     os.execv(_ubertool, [_ubertool, "replay", __file__, *sys.argv[1:]])
+raise ImportError("an ubertool playbook: its cells run only in the sandbox, through `ubertool replay FILE`")
 
 # %% parameters
 limit = 100

@@ -1,22 +1,23 @@
 #!/usr/bin/env python3
-# ubertool playbook: `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly.
-"""sales-report: Sales of one product per region, from the shop API, written back as report.json
+# ubertool playbook: replay it with `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly.
+# ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:12+00:00", "format": 2, "mounts": ["shop (http /remote/shop)"], "name": "sales-report", "params": ["product"], "policy": "shop-policy.toml", "policy_sha256": "b3ec198b0436abc4bd728450860c793c63732a4a26d8e162b97317c719178bea", "recording": "sales-report.recording.json", "run": "20261122T204644-e19aec69", "ubertool": "ubertool"}
+#
+# sales-report: Sales of one product per region, from the shop API, written back as report.json
+#
+# Source: run 20261122T204644-e19aec69
+# Policy: shop-policy.toml (sha256:b3ec198b0436abc4)
+# Mounts: shop (http /remote/shop)
+# Credentials: none
+# Parameters: product (default 'tea')
 
-Source: session -, run 20261122T204644-e19aec69
-Policy: shop-policy.toml (sha256:b3ec198b0436abc4)
-Mounts: shop (http /remote/shop)
-Credentials: none
-Parameters: product (default 'tea')
-"""
-# ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:12+00:00", "format": 1, "mounts": ["shop (http /remote/shop)"], "name": "sales-report", "params": ["product"], "policy": "shop-policy.toml", "policy_sha256": "b3ec198b0436abc4bd728450860c793c63732a4a26d8e162b97317c719178bea", "recording": "sales-report.recording.json", "run": "20261122T204644-e19aec69", "session": null, "ubertool": "ubertool"}
-
-if __name__ == "__main__":  # run directly: ubertool runs this file in the sandbox
+if __name__ == "__main__":  # run directly: ubertool replays this file in the sandbox
     import os
     import shutil
     import sys
 
-    _ubertool = shutil.which("ubertool") or "ubertool"
+    _ubertool = shutil.which("ubertool") or 'ubertool'
     os.execv(_ubertool, [_ubertool, "replay", __file__, *sys.argv[1:]])
+raise ImportError("an ubertool playbook: its cells run only in the sandbox, through `ubertool replay FILE`")
 
 # %% parameters
 product = 'tea'

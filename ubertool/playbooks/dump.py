@@ -10,12 +10,14 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import json
+import os
 import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ubertool.playbooks.format import FORMAT, Draft, render
+from ubertool.playbooks.format import FORMAT, Draft, PlaybookError, check_parameter, read_playbook, render
 from ubertool.runtime.journal import JournalCell, encode_exchanges
 
 _KEPT = frozenset({"ok", "output_truncated"})
@@ -80,14 +82,20 @@ def dump(cells: Sequence[JournalCell], *, name: str, description: str, params: d
     `source` carries the header facts: run, session, policy (path or None) and its sha256,
     mounts and credentials (names only), and the ubertool executable.
 
+    Every text the guest supplied (description, parameter names and values) is written so that
+    it cannot run outside the sandbox (see `format`).
+
     Raises:
-        ValueError: a bad name or parameter name, or no successful cell to keep.
+        PlaybookError: a bad name, parameter name or value, a cell that would not read back, or
+            no successful cell to keep.
     """
+    if not (isinstance(name, str) and isinstance(description, str) and isinstance(params, dict)):
+        raise PlaybookError("save_playbook(name, description, params): name and description are text, "
+                            "params a dict of name -> value")
     if not NAME.match(name):
-        raise ValueError(f"playbook name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
-    for param in params:
-        if not param.isidentifier():
-            raise ValueError(f"parameter {param!r} is not a Python name")
+        raise PlaybookError(f"playbook name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    for param, value in params.items():
+        check_parameter(param, value)
     recording_name = f"{name}.recording.json"
     header = {"format": FORMAT, "name": name, "params": sorted(params), "recording": recording_name,
               "dumped": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **source}
@@ -106,14 +114,14 @@ def dump(cells: Sequence[JournalCell], *, name: str, description: str, params: d
         recorded.append({"number": cell.number, "stdout": cell.stdout, "value": cell.value,
                          "exchanges": json.loads(encode_exchanges(cell.exchanges))})
     if not draft.cells:
-        raise ValueError("the session has no successful cell to keep")
+        raise PlaybookError("the session has no successful cell to keep")
     draft.docs = _docs(source, params)
     return render(draft), {"format": FORMAT, "playbook": name, "cells": recorded}
 
 
 def _docs(source: dict[str, Any], params: dict[str, Any]) -> list[str]:
     policy = source.get("policy") or "<embedded default policy>"
-    lines = [f"Source: session {source.get('session') or '-'}, run {source.get('run')}",
+    lines = [f"Source: run {source.get('run')}",
              f"Policy: {policy} (sha256:{source.get('policy_sha256', '')[:16]})",
              f"Mounts: {', '.join(source.get('mounts', [])) or 'none'}",
              f"Credentials: {', '.join(source.get('credentials', [])) or 'none'}",
@@ -121,11 +129,55 @@ def _docs(source: dict[str, Any], params: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_playbook(path: Path, text: str, recording: dict[str, Any]) -> Path:
-    """Write the playbook (executable) and its recording beside it; returns the playbook path."""
+def write_playbook(path: Path, text: str, recording: dict[str, Any], *, run: str | None = None) -> Path:
+    """Write the playbook (owner-only, executable) and its recording (owner-only) beside it;
+    returns the playbook path. Each file appears whole or not at all.
+
+    With `run`, an existing playbook at `path` is replaced only when that same run made it: a
+    session never replaces another session's playbook (two sessions saving one name at once:
+    one wins, the other is refused).
+
+    Raises:
+        PlaybookError: `path` holds another run's playbook (or a file that is no playbook).
+        OSError: the folder cannot be written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    path.chmod(0o755)
-    path.with_name(f"{recording['playbook']}.recording.json").write_text(
-        json.dumps(recording, indent=1), encoding="utf-8")
+    recording_path = path.with_name(f"{recording['playbook']}.recording.json")
+    playbook_tmp = _written(path, text, 0o700)
+    try:
+        if run is None:
+            playbook_tmp.replace(path)
+        else:
+            _place_for(run, playbook_tmp, path)
+        _written(recording_path, json.dumps(recording, indent=1), 0o600).replace(recording_path)
+    finally:
+        playbook_tmp.unlink(missing_ok=True)
     return path
+
+
+def _written(path: Path, text: str, mode: int) -> Path:
+    """`text` in a new temporary file beside `path`, with exactly `mode` whatever the umask."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with open(fd, "w", encoding="utf-8") as file:
+        os.fchmod(fd, mode)
+        file.write(text)
+    return tmp
+
+
+def _place_for(run: str, tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path`: a new name atomically (a link fails if another got there first); an
+    existing one only when `run` made it."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        pass
+    try:
+        owner = read_playbook(path).header.get("run")
+    except PlaybookError:
+        owner = None
+    if owner != run:
+        raise PlaybookError(f"a playbook named {path.stem!r} exists already ({path}), saved by "
+                            f"{'run ' + str(owner) if owner else 'something else'}; choose another name")
+    tmp.replace(path)

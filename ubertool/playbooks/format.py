@@ -1,12 +1,14 @@
-"""The playbook file: plain, readable Python in cells, with a header ubertool reads.
+"""The playbook file: plain, readable Python in cells, inert outside the sandbox.
 
 ```
 #!/usr/bin/env python3
-# ubertool playbook: ...
-\"\"\"NAME: DESCRIPTION ... (for people)\"\"\"
-# ubertool-playbook: {"format": 1, ...}        (for ubertool)
+# ubertool playbook: replay it with `ubertool replay THIS_FILE [-p NAME=VALUE ...]` ...
+# ubertool-playbook: {"format": 2, ...}            (the header: line 3, and only there)
+#
+# NAME: DESCRIPTION ... (for people: comment lines only)
 
-if __name__ == "__main__": ...                   (run directly: hand the file to ubertool)
+if __name__ == "__main__": ...                      (run directly: hand the file to ubertool)
+raise ImportError(...)                              (any other way: stop before any cell)
 
 # %% parameters
 region = 'EMEA'
@@ -15,8 +17,14 @@ region = 'EMEA'
 ...
 ```
 
+Host Python never runs a cell. Everything above `# %% parameters` is written by ubertool: the
+guard and the `raise` are fixed text, the header is JSON on one line, and whatever the guest
+supplied (description, parameter values) appears only as neutralised comment lines or `repr`'d
+literals, which are read back with `ast.literal_eval` only. `read_playbook` refuses a file
+whose part above the cells is not exactly that, or that has a second header line anywhere.
+
 Only the `# %% parameters` and `# %% cell N` sections run, each as one cell in the sandbox;
-a section whose marker says `(not replayed)` is kept for reading only. Beside the file,
+a section whose marker says `(not replayed: ...)` is kept for reading only. Beside the file,
 `NAME.recording.json` holds what each cell printed and the outside exchanges it caused
 (for `--check` and `--offline`).
 """
@@ -25,18 +33,24 @@ from __future__ import annotations
 
 import ast
 import json
+import keyword
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1
-_HEADER = re.compile(r"^# ubertool-playbook: (\{.*\})\s*$", re.M)
-_MARKER = re.compile(r"^# %% (parameters|cell (\d+))(.*)$")
+FORMAT = 2
+HEADER_LINE = 3  # 1-based: after the shebang and the title comment
+_HEADER_PREFIX = "# ubertool-playbook:"
+_HEADER = re.compile(r"^# ubertool-playbook: (\{.*\})$")
+_MARKER = re.compile(r"^# %% (?:(parameters)|cell (\d+)(?: \((not replayed: [^()]*)\))?)$")
+_RECORDING = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.recording\.json$")
+_TITLE = "# ubertool playbook: replay it with `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly."
 
 
 class PlaybookError(ValueError):
-    """A playbook that cannot be read; the message names the file and what is wrong."""
+    """A playbook that cannot be read or written; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,11 @@ class Playbook:
 
     @property
     def recording_path(self) -> Path:
-        return self.path.with_name(str(self.header.get("recording") or f"{self.path.stem}.recording.json"))
+        """Beside the playbook: the header's file name when it is a bare one, else `STEM.recording.json`."""
+        named = str(self.header.get("recording") or "")
+        if not _RECORDING.match(named):
+            named = f"{self.path.stem}.recording.json"
+        return self.path.with_name(named)
 
     def policy_path(self) -> Path | None:
         """The policy it was made under, resolved against the playbook's folder; None: embedded."""
@@ -86,12 +104,52 @@ def parse_assignments(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise PlaybookError(f"-p {pair!r}: write it as NAME=VALUE")
         try:
             values[name] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             values[name] = raw
     return values
 
 
+def check_parameter(name: str, value: Any) -> None:
+    """A parameter must be a plain Python name bound to a literal that `repr` writes and
+    `ast.literal_eval` reads back unchanged (text, numbers, booleans, None, and lists, tuples,
+    dicts and sets of those).
+
+    Raises:
+        PlaybookError: which name, and what is wrong.
+    """
+    if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
+        raise PlaybookError(f"parameter {name!r} is not a plain Python name")
+    try:
+        _check_literal(value)
+        same = ast.literal_eval(repr(value)) == value
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        same = False
+    if not same:
+        raise PlaybookError(f"parameter {name}: {type(value).__name__} values cannot be written as a "
+                            "literal; use text, numbers, booleans, None, or lists and dicts of them")
+
+
+def _check_literal(value: Any) -> None:
+    if value is None or isinstance(value, bool | int | str | bytes | complex):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):  # repr gives `nan` / `inf`: names, not literals
+            raise ValueError(value)
+        return
+    if isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            _check_literal(item)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_literal(key)
+            _check_literal(item)
+        return
+    raise TypeError(type(value).__name__)
+
+
 def parameters_code(values: dict[str, Any]) -> str:
+    """The parameters section's code: one `name = repr(value)` line each (see `check_parameter`)."""
     return "".join(f"{name} = {value!r}\n" for name, value in values.items())
 
 
@@ -108,34 +166,65 @@ def _parse_parameters(code: str, where: str) -> dict[str, Any]:
     return values
 
 
+def comment_lines(text: str) -> list[str]:
+    """`text` as Python comment lines: one per line of it, every character that is not
+    printable (line breaks of any kind, control and format characters) written as an escape,
+    so nothing in it can end the comment or look like another line to any reader."""
+    return ["# " + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
+            for line in text.split("\n")]
+
+
+def source_lines(text: str) -> list[str]:
+    """`text` split into lines as Python's own reader splits a source file (universal newlines)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def guard(ubertool: str) -> str:
+    """The fixed code above the cells: run directly, the file execs `ubertool replay` on itself;
+    imported or run any other way, it raises before reaching a cell."""
+    return (
+        'if __name__ == "__main__":  # run directly: ubertool replays this file in the sandbox\n'
+        "    import os\n"
+        "    import shutil\n"
+        "    import sys\n\n"
+        f'    _ubertool = shutil.which("ubertool") or {ubertool!r}\n'
+        '    os.execv(_ubertool, [_ubertool, "replay", __file__, *sys.argv[1:]])\n'
+        'raise ImportError("an ubertool playbook: its cells run only in the sandbox, through '
+        '`ubertool replay FILE`")\n'
+    )
+
+
 def read_playbook(path: Path) -> Playbook:
-    """Parse a playbook file; every section must be valid Python.
+    """Read a playbook file.
 
     Raises:
-        PlaybookError: unreadable, no ubertool header, or a syntax error (with its line).
+        PlaybookError: unreadable; no header at line 3, or a second one; a part above the cells
+            that is not exactly what ubertool writes; a syntax error (with its line).
     """
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PlaybookError(f"{path}: cannot read the playbook: {exc.strerror or exc}") from None
-    found = _HEADER.search(text)
-    if found is None:
-        raise PlaybookError(f"{path}: not an ubertool playbook (no '# ubertool-playbook:' header line)")
-    try:
-        header = json.loads(found.group(1))
-    except ValueError:
-        raise PlaybookError(f"{path}: the '# ubertool-playbook:' header is not valid JSON") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlaybookError(f"{path}: cannot read the playbook: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_playbook(path, text)
+
+
+def parse_playbook(path: Path, text: str) -> Playbook:
+    """Parse a playbook's `text` (see `read_playbook`)."""
+    lines = source_lines(text)
+    header = _header(path, lines)
+    first = next((i for i, line in enumerate(lines) if _MARKER.match(line)), len(lines))
+    _check_prologue(path, "\n".join(lines[:first]), header)
     sections: list[tuple[int, bool, int, list[str]]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(lines[first:], first + 1):
         marker = _MARKER.match(line)
         if marker:
-            number = int(marker.group(2)) if marker.group(2) else 0
-            sections.append((number, "not replayed" not in marker.group(3), lineno + 1, []))
-        elif sections:
+            number = 0 if marker.group(1) else int(marker.group(2))
+            sections.append((number, marker.group(3) is None, lineno + 1, []))
+        else:
             sections[-1][3].append(line)
     cells, parameters = [], {}
-    for number, runs, line, lines in sections:
-        code = "\n".join(lines).strip("\n") + "\n"
+    for number, runs, line, body in sections:
+        code = "\n".join(body).strip("\n") + "\n"
         try:
             ast.parse(code)
         except SyntaxError as exc:
@@ -149,6 +238,43 @@ def read_playbook(path: Path) -> Playbook:
     return Playbook(path, header, parameters, tuple(cells))
 
 
+def _header(path: Path, lines: list[str]) -> dict[str, Any]:
+    """The JSON header, read from line 3 only."""
+    found = [i + 1 for i, line in enumerate(lines) if line.startswith(_HEADER_PREFIX)]
+    if not found:
+        raise PlaybookError(f"{path}: not an ubertool playbook (no '{_HEADER_PREFIX}' header line)")
+    if found != [HEADER_LINE]:
+        where = ", ".join(map(str, found))
+        raise PlaybookError(f"{path}: the '{_HEADER_PREFIX}' header must be line {HEADER_LINE} and the only "
+                            f"one; found at line {where}. The file was changed by hand or forged; "
+                            "dump the session again")
+    match = _HEADER.match(lines[HEADER_LINE - 1])
+    try:
+        header = json.loads(match.group(1)) if match else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise PlaybookError(f"{path}:{HEADER_LINE}: the '{_HEADER_PREFIX}' header is not a JSON object")
+    if header.get("format") != FORMAT:
+        raise PlaybookError(f"{path}: playbook format {header.get('format')!r}; this ubertool reads format "
+                            f"{FORMAT} (an older file may run code when opened directly: dump the session "
+                            "again with `ubertool sessions dump`)")
+    return header
+
+
+def _check_prologue(path: Path, prologue: str, header: dict[str, Any]) -> None:
+    """The code above the cells must be exactly ubertool's guard: nothing else runs there."""
+    expected = ast.dump(ast.parse(guard(str(header.get("ubertool", "ubertool")))))
+    try:
+        same = ast.dump(ast.parse(prologue)) == expected
+    except SyntaxError:
+        same = False
+    if not same:
+        raise PlaybookError(f"{path}: the code above the first cell is not what ubertool writes (only "
+                            "comments and the `__main__` guard belong there); it may run on the host if "
+                            "the file is run directly, so it is refused. Dump the session again")
+
+
 @dataclass
 class Draft:
     """A playbook being written: what `dump` chose, before it becomes text."""
@@ -159,28 +285,48 @@ class Draft:
     parameters: dict[str, Any]
     cells: list[tuple[int, str]] = field(default_factory=list)  # (number, code) replayed
     comments: list[tuple[int, str, str]] = field(default_factory=list)  # (number, why, code)
-    docs: list[str] = field(default_factory=list)  # lines for the docstring
+    docs: list[str] = field(default_factory=list)  # lines for the comment block
 
 
 def render(draft: Draft) -> str:
-    """The playbook's text."""
-    doc = "\n".join([f"{draft.name}: {draft.description or 'a replayable ubertool session'}", "",
-                     *draft.docs])
-    ubertool = draft.header.get("ubertool", "ubertool")
-    parts = [
-        "#!/usr/bin/env python3\n",
-        "# ubertool playbook: `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly.\n",
-        f'"""{doc}\n"""\n',
-        f"# ubertool-playbook: {json.dumps(draft.header, sort_keys=True)}\n\n",
-        "if __name__ == \"__main__\":  # run directly: ubertool runs this file in the sandbox\n"
-        "    import os, shutil, sys  # noqa: E401\n\n"
-        f"    _ubertool = shutil.which(\"ubertool\") or {ubertool!r}\n"
-        "    os.execv(_ubertool, [_ubertool, \"replay\", __file__, *sys.argv[1:]])\n",
-        "\n# %% parameters\n" + parameters_code(draft.parameters),
-    ]
-    blocks = [(n, f"# %% cell {n}\n{code.rstrip()}\n") for n, code in draft.cells]
+    """The playbook's text, checked by reading it back.
+
+    Raises:
+        PlaybookError: a parameter that is no literal, or a cell holding a line that reads as a
+            marker or header (the file would not read back as the session).
+    """
+    for name, value in draft.parameters.items():
+        check_parameter(name, value)
+    about = f"{draft.name}: {draft.description or 'a replayable ubertool session'}"
+    prologue = ["#!/usr/bin/env python3", _TITLE,
+                f"{_HEADER_PREFIX} {json.dumps(draft.header, sort_keys=True, ensure_ascii=True)}",
+                "#", *comment_lines(about), "#", *comment_lines("\n".join(draft.docs))]
+    parts = ["\n".join(prologue) + "\n\n", guard(str(draft.header.get("ubertool", "ubertool"))),
+             "\n# %% parameters\n" + parameters_code(draft.parameters)]
+    blocks = [(n, f"# %% cell {n}\n{_code(n, code)}") for n, code in draft.cells]
     blocks += [(n, f"# %% cell {n} (not replayed: {why})\n"
-                   + "".join(f"# {line}\n".replace("# \n", "#\n") for line in code.rstrip().splitlines()))
+                   + "".join(f"# {line}".rstrip() + "\n" for line in source_lines(code.rstrip())))
                for n, why, code in draft.comments]
     parts += ["\n" + block for _, block in sorted(blocks)]
-    return "".join(parts)
+    text = "".join(parts)
+    _check_round_trip(draft, text)
+    return text
+
+
+def _code(number: int, code: str) -> str:
+    lines = source_lines(code.rstrip())
+    for line in lines:
+        if _MARKER.match(line) or line.startswith(_HEADER_PREFIX):
+            raise PlaybookError(f"cell {number} has a line that reads as a playbook marker ({line[:60]!r}); "
+                                "change that line (a comment or text starting '# %%' or "
+                                f"'{_HEADER_PREFIX}') and save again")
+    return "\n".join(lines) + "\n"
+
+
+def _check_round_trip(draft: Draft, text: str) -> None:
+    back = parse_playbook(Path(f"{draft.name}.py"), text)
+    cells = [(s.number, s.code.strip("\n")) for s in back.cells]
+    want = [(n, _code(n, code).strip("\n")) for n, code in sorted(draft.cells)]
+    if back.header != json.loads(json.dumps(draft.header)) or back.parameters != draft.parameters \
+            or cells != want:
+        raise PlaybookError(f"playbook {draft.name}: the file would not read back as the session")

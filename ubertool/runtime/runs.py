@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ubertool.playbooks.dump import dump, write_playbook
+from ubertool.playbooks.format import PlaybookError
 from ubertool.runtime.about import about_text
 from ubertool.runtime.audit import AuditLog, code_hash
 from ubertool.runtime.home import state_home
@@ -163,9 +164,9 @@ def playbook_tool(record: RunRecord, recorder: Recorder) -> Callable[..., dict[s
             try:
                 text, recording = dump(record.cells, name=name, description=description,
                                        params=params or {}, source=source_facts(record))
-            except ValueError as exc:
+                path = write_playbook(playbooks_home() / f"{name}.py", text, recording, run=record.id)
+            except PlaybookError as exc:
                 raise ToolFailure(str(exc)) from None
-            path = write_playbook(playbooks_home() / f"{name}.py", text, recording)
             return {"playbook": name, "path": str(path), "cells": len(recording["cells"]),
                     "replay": f"ubertool replay {path}"}
 
