@@ -94,7 +94,8 @@ def test_policy_show_prints_the_effective_policy_as_toml(tmp_path: Path) -> None
     assert done.stdout.startswith(f"# effective policy from {policy}\n")
     shown = tomllib.loads(done.stdout)
     assert shown["limits"]["timeout_s"] == 5.0 and shown["limits"]["max_timeout_s"] == 300.0
-    assert shown["grants"] == [{"host": str((tmp_path / "data").resolve()), "guest": "/data"}]
+    assert shown["grants"] == [{"host": str((tmp_path / "data").resolve()), "guest": "/data",
+                                "world_writable": False}]
     default = tomllib.loads(ubertool("policy", "show").stdout)
     assert default["grants"] == [] and default["workspace"]["guest_path"] == "/workspace"
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ubertool.playbooks.format import FORMAT, Draft, PlaybookError, check_parameter, read_playbook, render
 from ubertool.runtime.journal import JournalCell, encode_exchanges
+from ubertool.tools.files import open_private
 
 _KEPT = frozenset({"ok", "output_truncated"})
 # Looking at data; print() is left out on purpose: what a cell prints is what a replay shows.
@@ -129,9 +130,10 @@ def _docs(source: dict[str, Any], params: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_playbook(path: Path, text: str, recording: dict[str, Any], *, run: str | None = None) -> Path:
-    """Write the playbook (owner-only, executable) and its recording (owner-only) beside it;
-    returns the playbook path. Each file appears whole or not at all.
+def write_playbook(path: Path, text: str, recording: dict[str, Any], *, run: str | None = None,
+                   mode: int = 0o700) -> Path:
+    """Write the playbook (executable, with `mode`: owner-only by default) and its recording
+    (`mode` without x) beside it; returns the playbook path. Each file appears whole or not at all.
 
     With `run`, an existing playbook at `path` is replaced only when that same run made it: a
     session never replaces another session's playbook (two sessions saving one name at once:
@@ -143,13 +145,13 @@ def write_playbook(path: Path, text: str, recording: dict[str, Any], *, run: str
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     recording_path = path.with_name(f"{recording['playbook']}.recording.json")
-    playbook_tmp = _written(path, text, 0o700)
+    playbook_tmp = _written(path, text, mode)
     try:
         if run is None:
             playbook_tmp.replace(path)
         else:
             _place_for(run, playbook_tmp, path)
-        _written(recording_path, json.dumps(recording, indent=1), 0o600).replace(recording_path)
+        _written(recording_path, json.dumps(recording, indent=1), mode & 0o666).replace(recording_path)
     finally:
         playbook_tmp.unlink(missing_ok=True)
     return path
@@ -158,9 +160,7 @@ def write_playbook(path: Path, text: str, recording: dict[str, Any], *, run: str
 def _written(path: Path, text: str, mode: int) -> Path:
     """`text` in a new temporary file beside `path`, with exactly `mode` whatever the umask."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with open(fd, "w", encoding="utf-8") as file:
-        os.fchmod(fd, mode)
+    with open(open_private(tmp, os.O_WRONLY | os.O_EXCL, mode), "w", encoding="utf-8") as file:
         file.write(text)
     return tmp
 

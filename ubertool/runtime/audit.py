@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import IO, Any
 
+from ubertool.tools.files import open_private
 from ubertool.tools.redact import Redactor
 
 
@@ -31,7 +33,7 @@ class AuditLog:
 
     def __enter__(self) -> AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = open(open_private(self.path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8")
         return self
 
     def __exit__(self, *exc: object) -> None:

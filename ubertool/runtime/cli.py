@@ -19,6 +19,7 @@ import click
 import tomli_w
 
 from ubertool import __version__
+from ubertool.runtime.home import tighten_state_home
 from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import (
     DEFAULT_POLICY_NAME,
@@ -74,6 +75,10 @@ workspace_option = click.option(
 @click.version_option(__version__, prog_name="ubertool")
 def main() -> None:
     """ubertool: run Python in a WebAssembly sandbox, under a policy."""
+    # What ubertool and its guests create (journal, workspaces, files a cell writes) is
+    # readable by this user only, whatever umask the shell had.
+    os.umask(0o077)
+    tighten_state_home(lambda line: click.echo(line, err=True))
 
 
 @main.command()
@@ -207,8 +212,12 @@ def sessions_list(limit: int) -> None:
 @click.option("--description", default="", help="One line on what it does.")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
               help="A parameter a person may override, with its default.")
+@click.option("--mode", type=click.Choice(["700", "750", "755"]), default="700", show_default=True,
+              help="The playbook's permissions (its recording gets the same without x). The default "
+                   "is owner-only, since a playbook holds the session's code and its recording what "
+                   "the cells printed and fetched.")
 def sessions_dump(ref: str, output: Path, name: str | None, description: str,
-                  params: tuple[str, ...]) -> None:
+                  params: tuple[str, ...], mode: str) -> None:
     """Write the session REF (a run id, a prefix of one, or a session handle) as a playbook."""
     from ubertool.playbooks.dump import dump, write_playbook
     from ubertool.playbooks.format import PlaybookError, parse_assignments
@@ -235,7 +244,7 @@ def sessions_dump(ref: str, output: Path, name: str | None, description: str,
     except ValueError as exc:
         click.echo(f"ubertool: {exc}", err=True)
         sys.exit(2)
-    path = write_playbook(output, text, recording)
+    path = write_playbook(output, text, recording, mode=int(mode, 8))
     click.echo(f"Wrote {path} ({len(recording['cells'])} cells). Replay it: ubertool replay {path}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ubertool.runtime.home import state_home
+from ubertool.runtime.home import state_folder
 from ubertool.sandbox import CellResult
+from ubertool.tools.files import open_private
 from ubertool.tools.recorder import Exchange
 
 _SCHEMA = """
@@ -110,6 +112,8 @@ class Journal:
 
     def __enter__(self) -> Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only before SQLite opens it: its -wal and -shm files take the same mode.
+        os.close(open_private(self.path, os.O_RDWR))
         self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
@@ -173,4 +177,4 @@ class Journal:
 
 
 def default_journal_path() -> Path:
-    return state_home() / "journal.sqlite"
+    return state_folder() / "journal.sqlite"

@@ -11,6 +11,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -91,10 +92,13 @@ class Workspace(_Section):
 
 
 class Grant(_Section):
-    """A host folder the guest may read, never write. `host` is relative to the policy file."""
+    """A host folder the guest may read, never write. `host` is relative to the policy file.
+    A folder every user may write to is refused unless `world_writable = true` says that is
+    intended (another user could swap the files the guest reads)."""
 
     host: Path
     guest: str
+    world_writable: bool = False
 
     _check_guest = field_validator("guest")(_guest_path)
 
@@ -222,10 +226,9 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: 
                    for m in policy.mounts)
     credentials = {name: c.model_copy(update={"file": _resolve(c.file, base)}) if c.file else c
                    for name, c in policy.credentials.items()}
-    problems = [f"{source}: grants.{i}.host: {p}" for i, g in enumerate(grants)
-                if (p := _host_problem(g.host))]
-    problems += [f"{source}: mounts.{i}.host: {p}" for i, m in enumerate(mounts)
-                 if isinstance(m, DirMount) and (p := _host_problem(m.host))]
+    folders = [(f"grants.{i}", g) for i, g in enumerate(grants)]
+    folders += [(f"mounts.{i}", m) for i, m in enumerate(mounts) if isinstance(m, DirMount)]
+    problems = [f"{source}: {key}.host: {p}" for key, g in folders if (p := _host_problem(g, key))]
     if problems:
         raise PolicyError(problems)
     return policy.model_copy(update={"grants": grants, "mounts": mounts, "credentials": credentials})
@@ -236,9 +239,15 @@ def _resolve(path: Path, base: Path | None) -> Path:
     return (path if path.is_absolute() or base is None else base / path).resolve()
 
 
-def _host_problem(host: Path) -> str:
+def _host_problem(grant: Grant, key: str) -> str:
+    host = grant.host
     if not host.is_dir():
         return f"{str(host)!r} is not an existing folder"
+    mode = host.stat().st_mode
+    if mode & stat.S_IWOTH and not grant.world_writable:
+        return (f"{str(host)!r} is writable by every user of this machine (mode {mode & 0o7777:04o}), so "
+                f"another user could swap the files the guest sees; run `chmod o-w {host}`, or set "
+                f"{key}.world_writable = true if that is intended")
     for secret in _private_folders():
         if secret == host or secret.is_relative_to(host):
             return f"{str(host)!r} would show the guest {str(secret)!r}, which holds ubertool's own state"
@@ -294,5 +303,6 @@ def policy_or_default(path: str | os.PathLike[str] | None) -> Policy:
 def policy_document(policy: Policy) -> dict[str, Any]:
     """The effective policy as plain data, every default filled in (for `policy show`)."""
     data = policy.model_dump(mode="json", exclude_none=True)
-    data["grants"] = [{"host": str(g.host), "guest": g.guest} for g in policy.grants]
+    data["grants"] = [{"host": str(g.host), "guest": g.guest, "world_writable": g.world_writable}
+                      for g in policy.grants]
     return data

@@ -23,7 +23,7 @@ from ubertool.playbooks.dump import dump, write_playbook
 from ubertool.playbooks.format import PlaybookError
 from ubertool.runtime.about import about_text
 from ubertool.runtime.audit import AuditLog, code_hash
-from ubertool.runtime.home import state_home
+from ubertool.runtime.home import state_folder
 from ubertool.runtime.journal import Journal, JournalCell
 from ubertool.runtime.policy import DirMount, Policy
 from ubertool.sandbox import (
@@ -39,6 +39,7 @@ from ubertool.sandbox import (
 from ubertool.tools import ToolFailure
 from ubertool.tools.browser import BrowserBroker
 from ubertool.tools.credentials import CredentialBroker
+from ubertool.tools.files import private_folder
 from ubertool.tools.mounts.http import HttpMount
 from ubertool.tools.programs import ProgramBroker
 from ubertool.tools.recorder import Exchange, Recorder, recorded_call
@@ -175,7 +176,7 @@ def playbook_tool(record: RunRecord, recorder: Recorder) -> Callable[..., dict[s
 
 
 def playbooks_home() -> Path:
-    return state_home() / "playbooks"
+    return state_folder("playbooks")
 
 
 @contextmanager
@@ -229,9 +230,12 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
     """
     run_id = new_run_id()
     own = workspace is None
-    run_dir = state_home() / "runs" / run_id
-    folder = (run_dir / "workspace") if own else Path(workspace).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    run_dir = state_folder("runs", run_id)
+    if own:
+        folder = private_folder(run_dir / "workspace")
+    else:
+        folder = Path(workspace).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
     redactor = Redactor()
     record = RunRecord(run_id, kind, policy)
     try:

@@ -26,7 +26,7 @@ def set_aside(folder: Path, keep: frozenset[str]) -> Iterator[None]:
     is never replaced: an interpreter opened inside the block keeps seeing it.
     """
     aside = folder.parent / f".{folder.name}.restoring-{os.getpid()}"
-    aside.mkdir()
+    aside.mkdir(mode=0o700)  # it holds the workspace's files meanwhile: owner-only, like the workspace
     moved = [entry.name for entry in folder.iterdir() if entry.name not in keep]
     for name in moved:
         (folder / name).rename(aside / name)

@@ -1,27 +1,92 @@
-"""Host writes into folders the guest controls (its workspace), without following its links.
+"""Files the host writes: owner-only, and never through a link the guest planted.
+
+Everything ubertool keeps (the state folder, journal, audit logs, workspaces, playbooks) may hold
+code, outputs and bodies fetched with credentials, so it is created readable by its owner only
+(folders 0700, files 0600), whatever the process umask.
 
 The guest may create relative links in its workspace (`x -> ..`); a host that then writes to
-`workspace/x` would write outside it. These helpers never follow a link in the last two steps.
+`workspace/x` would write outside it. `write_no_follow` never follows a link in the last two
+steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_folder(path: Path) -> Path:
+    """Make `path` (and missing parents) if needed and set it to 0700; returns it.
+    Only for folders ubertool owns: an existing one is chmod-ed.
+
+    Raises:
+        OSError: it cannot be made, or is a link.
+    """
+    path.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    try:
+        os.fchmod(fd, FOLDER_MODE)
+    finally:
+        os.close(fd)
+    return path
+
+
+def open_private(path: Path, flags: int, mode: int = FILE_MODE) -> int:
+    """`os.open(path, flags | O_CREAT)` with exactly `mode` (0600 by default) whatever the
+    umask, never through a link at `path`; returns the descriptor.
+
+    Raises:
+        OSError: `path` is a link, or cannot be opened.
+    """
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def tighten(root: Path, on_change: Callable[[int], None] | None = None) -> bool:
+    """Take group and other permissions off `root` and everything under it, never following a
+    link; calls `on_change(old_mode)` once if `root` itself was looser than 0700. Returns
+    whether `root` was. A missing `root` is left missing."""
+    try:
+        loose = os.lstat(root).st_mode & 0o077
+    except FileNotFoundError:
+        return False
+    if not loose:
+        return False
+    if on_change is not None:
+        on_change(os.lstat(root).st_mode & 0o7777)
+    for folder, subfolders, files in os.walk(root):
+        for name in (folder, *(os.path.join(folder, n) for n in (*subfolders, *files))):
+            with contextlib.suppress(OSError):  # a link (ELOOP), or gone meanwhile: leave it
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+                try:
+                    os.fchmod(fd, os.fstat(fd).st_mode & 0o7700)
+                finally:
+                    os.close(fd)
+    return True
 
 
 def write_no_follow(folder: Path, name: str, data: bytes) -> None:
-    """Write `folder/name` (making `folder` if missing) without following any link there.
+    """Write `folder/name` (making `folder` if missing) owner-only, without following any link
+    there.
 
     Raises:
         OSError: `folder` or `name` is a link, or the write failed.
     """
     with contextlib.suppress(FileExistsError):
-        folder.mkdir()
+        folder.mkdir(mode=FOLDER_MODE)
     folder_fd = os.open(folder, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0))
     try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=folder_fd)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE, dir_fd=folder_fd)
     finally:
         os.close(folder_fd)
     with os.fdopen(fd, "wb") as file:
