@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from ubertool.runtime.policy import Policy, PolicyError, parse_policy, policy_do
 from ubertool.tools import ToolFailure
 from ubertool.tools.mounts.http import HttpMount, HttpMountSpec
 from ubertool.tools.programs import ProgramBroker, ProgramSpec
-from ubertool.tools.recorder import Recorder
+from ubertool.tools.recorder import Recorder, Spool
 from ubertool.tools.redact import Redactor
 
 KEYS = st.sampled_from(["version", "limits", "workspace", "grants", "mounts", "credentials", "tools",
@@ -60,7 +61,8 @@ SEGMENT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_character
 @given(st.lists(SEGMENT, min_size=1, max_size=5))
 def test_mount_urls_never_leave_the_base(segments: list[str]) -> None:
     spec = HttpMountSpec(kind="http", name="api", guest="/api", base_url="http://127.0.0.1:9/v1")
-    mount = HttpMount(spec, credentials=None, recorder=Recorder(), redactor=Redactor())
+    mount = HttpMount(spec, credentials=None, recorder=Recorder(), redactor=Redactor(),
+                      spool=Spool(Path(tempfile.gettempdir()) / "unused-spool"))
     try:
         url = mount._url("/" + "/".join(segments))
     except PermissionError:

@@ -20,6 +20,7 @@ from typing import Any
 from ubertool.playbooks.format import FORMAT, Draft, PlaybookError, check_parameter, read_playbook, render
 from ubertool.runtime.journal import JournalCell, encode_exchanges
 from ubertool.tools.files import open_private
+from ubertool.tools.recorder import Exchange
 
 _KEPT = frozenset({"ok", "output_truncated"})
 # Looking at data; print() is left out on purpose: what a cell prints is what a replay shows.
@@ -102,18 +103,22 @@ def dump(cells: Sequence[JournalCell], *, name: str, description: str, params: d
               "dumped": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **source}
     draft = Draft(name, description, header, dict(params))
     recorded: list[dict[str, Any]] = []
+    # Reads made by cells left out: a later cell may have been answered from them (a read is
+    # sent once per run), so the recording carries them to the next cell kept.
+    carried: list[Exchange] = []
     for cell in cells:
-        if cell.status not in _KEPT or _saves_a_playbook(cell.code):
+        code = _without_parameters(cell.code, set(params))
+        if cell.status not in _KEPT or _saves_a_playbook(cell.code) or not code.strip():
+            carried += [e for e in cell.exchanges if e.reusable]
             continue
         if _inspects_only(cell.code):
             draft.comments.append((cell.number, "it only inspects", cell.code))
-            continue
-        code = _without_parameters(cell.code, set(params))
-        if not code.strip():
+            carried += [e for e in cell.exchanges if e.reusable]
             continue
         draft.cells.append((cell.number, code))
         recorded.append({"number": cell.number, "stdout": cell.stdout, "value": cell.value,
-                         "exchanges": json.loads(encode_exchanges(cell.exchanges))})
+                         "exchanges": json.loads(encode_exchanges([*carried, *cell.exchanges]))})
+        carried = []
     if not draft.cells:
         raise PlaybookError("the session has no successful cell to keep")
     draft.docs = _docs(source, params)

@@ -100,7 +100,7 @@ def run(policy_path: str | None, workspace: Path | None, code: str | None,
     policy = _policy(policy_path)
 
     async def go() -> bool:
-        with Journal(default_journal_path()) as journal:
+        with Journal.default(policy.journal) as journal:
             async with open_run(policy, workspace=workspace, journal=journal) as r:
                 result = await r.cell(source, timeout_s=timeout_s, echo=False)
         render(result, sys.stdout, sys.stderr, show_value=False)
@@ -169,7 +169,7 @@ def replay(playbook: Path, policy_path: str | None, params: tuple[str, ...], as_
         sys.exit(USAGE)
 
     async def go() -> Any:
-        with Journal(default_journal_path()) as journal:
+        with Journal.default(policy.journal) as journal:
             return await run_playbook(book, policy, overrides, check=check, offline=offline,
                                       as_json=as_json, journal=journal)
 
@@ -202,6 +202,37 @@ def sessions_list(limit: int) -> None:
     click.echo(f"{'RUN':<26} {'KIND':<7} {'STARTED':<26} {'CELLS':>5}  SESSION")
     for r in runs:
         click.echo(f"{r.id:<26} {r.kind:<7} {r.started:<26} {r.cells:>5}  {r.session or '-'}")
+
+
+def _days(text: str) -> float:
+    """'30d', '12h', '90m' or a number of days, as seconds."""
+    units = {"d": 86_400, "h": 3_600, "m": 60}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text) * 86_400
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write it as 30d, 12h or 90m") from None
+
+
+@sessions.command("prune")
+@click.option("--older-than", metavar="AGE", help="Remove ended runs started longer ago than AGE (30d, 12h, "
+              "90m). Default: the policy's journal.keep_days.")
+@click.option("--max-mib", type=click.IntRange(min=1), help="Then remove the oldest ended runs until the "
+              "journal holds at most this much. Default: the policy's journal.max_mib.")
+@policy_option
+def sessions_prune(older_than: str | None, max_mib: int | None, policy_path: str | None) -> None:
+    """Remove old runs from the journal, and the bodies no other run refers to.
+
+    Runs still going are kept; playbooks and their recordings are never touched.
+    """
+    retention = _policy(policy_path).journal
+    older_than_s = _days(older_than) if older_than else retention.keep_days * 86_400
+    max_bytes = (max_mib or retention.max_mib) * 2**20
+    with Journal(default_journal_path()) as journal:
+        pruned = journal.prune(older_than_s=older_than_s, max_bytes=max_bytes)
+    click.echo(f"Removed {len(pruned.runs)} runs and {pruned.bodies} bodies; the journal holds "
+               f"{pruned.held_bytes / 2**20:.1f} MiB.")
 
 
 @sessions.command("dump")

@@ -91,6 +91,15 @@ class Workspace(_Section):
     _check_guest = field_validator("guest_path")(_guest_path)
 
 
+class JournalRetention(_Section):
+    """How long and how much the journal keeps: older ended runs are pruned when a run, replay,
+    shell or server opens it (`ubertool sessions prune` does it on demand). Playbooks and their
+    recordings are files of their own and are never pruned."""
+
+    keep_days: float = Field(30.0, gt=0, le=36_500)
+    max_mib: int = Field(1024, ge=1, le=1024 * 1024)
+
+
 class Grant(_Section):
     """A host folder the guest may read, never write. `host` is relative to the policy file.
     A folder every user may write to is refused unless `world_writable = true` says that is
@@ -136,6 +145,7 @@ class Policy(_Section):
     version: Literal[1] = 1
     limits: Limits = Limits()
     workspace: Workspace = Workspace()
+    journal: JournalRetention = JournalRetention()
     grants: Annotated[tuple[Grant, ...], Field(strict=False)] = ()
     mounts: Annotated[tuple[Mount, ...], Field(strict=False)] = ()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)

@@ -42,7 +42,7 @@ from ubertool.tools.credentials import CredentialBroker
 from ubertool.tools.files import private_folder
 from ubertool.tools.mounts.http import HttpMount
 from ubertool.tools.programs import ProgramBroker
-from ubertool.tools.recorder import Exchange, Recorder, recorded_call
+from ubertool.tools.recorder import Exchange, Recorder, Spool, recorded_call
 from ubertool.tools.redact import Redactor
 from ubertool.tools.upstream import UpstreamBroker
 
@@ -181,9 +181,11 @@ def playbooks_home() -> Path:
 
 @contextmanager
 def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: Redactor,
-                   record: RunRecord, replay: Sequence[Exchange] | None = None) -> Iterator[SandboxConfig]:
+                   record: RunRecord, spool: Spool,
+                   replay: Sequence[Exchange] | None = None) -> Iterator[SandboxConfig]:
     """The sandbox's view of the policy for one run, with the run's brokers (closed on exit).
-    With `replay`, every outside exchange is answered from it and nothing is sent."""
+    Response bodies are kept in `spool`, not memory. With `replay`, every outside exchange is
+    answered from it and nothing is sent."""
     recorder = Recorder()
     folders = [HostFolder(g.host, g.guest) for g in policy.grants]
     folders += [HostFolder(m.host, m.guest, m.writable) for m in policy.mounts if isinstance(m, DirMount)]
@@ -207,7 +209,7 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
             if isinstance(spec, DirMount):
                 continue
             provider = HttpMount(spec, credentials=credentials, recorder=recorder, redactor=redactor,
-                                 on_event=audit.event)
+                                 spool=spool, on_event=audit.event)
             stack.callback(provider.close)
             mounts.append(ProviderMount(spec.guest, provider, spec.writable))
         yield SandboxConfig(workspace=workspace, workspace_guest=policy.workspace.guest_path,
@@ -238,9 +240,10 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
         folder.mkdir(parents=True, exist_ok=True)
     redactor = Redactor()
     record = RunRecord(run_id, kind, policy)
+    spool = Spool(run_dir / "bodies")
     try:
         with AuditLog(run_dir / "audit.jsonl", run_id, redactor) as audit, \
-                sandbox_config(policy, folder, audit, redactor, record, replay) as config:
+                sandbox_config(policy, folder, audit, redactor, record, spool, replay) as config:
             audit.event("run_start", run_kind=kind, policy=policy.source, workspace=str(folder))
             if journal is not None:
                 journal.start_run(run_id, kind, policy.source, policy.sha256)
@@ -252,5 +255,6 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
                 if journal is not None:
                     journal.end_run(run_id)
     finally:
+        spool.close()
         if own and not policy.workspace.keep:
             shutil.rmtree(folder, ignore_errors=True)

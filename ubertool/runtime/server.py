@@ -20,7 +20,7 @@ from pydantic import Field
 from ubertool import __version__
 from ubertool.playbooks.dump import NAME
 from ubertool.runtime.about import tool_description
-from ubertool.runtime.journal import Journal, default_journal_path
+from ubertool.runtime.journal import Journal
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.reply import refusal, reply
 from ubertool.runtime.runs import playbooks_home
@@ -121,7 +121,7 @@ def _add_playbook_resources(server: FastMCP[Any]) -> None:
 
 async def serve(policy: Policy, transport: str, *, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve until the transport ends (stdin closed, or the process is stopped)."""
-    with Journal(default_journal_path()) as journal:
+    with Journal.default(policy.journal) as journal:
         async with SessionManager(policy, journal=journal).running() as manager:
             server = build_server(manager)
             if transport == "http":

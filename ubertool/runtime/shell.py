@@ -16,7 +16,7 @@ from pathlib import Path
 from anyio.from_thread import start_blocking_portal
 
 from ubertool import __version__
-from ubertool.runtime.journal import Journal, default_journal_path
+from ubertool.runtime.journal import Journal
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.render import render
 from ubertool.runtime.runs import Run, open_run
@@ -67,7 +67,7 @@ def shell(policy: Policy, workspace: Path | None) -> None:
     """Run the REPL until end of input."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
-    with Journal(default_journal_path()) as journal, start_blocking_portal() as portal, \
+    with Journal.default(policy.journal) as journal, start_blocking_portal() as portal, \
             portal.wrap_async_context_manager(open_run(policy, workspace=workspace, journal=journal,
                                                        kind="shell")) as run:
         print(_banner(run), file=sys.stderr)

@@ -3,35 +3,129 @@ replaying, it answers from a recording and performs nothing.
 
 Restore after a timeout replays earlier cells with their recorded exchanges, so no request is
 sent twice; playbooks' offline replay uses the same mechanism. Exchanges are matched by kind
-and request, in order; a mismatch is raised, never guessed around.
+and request; a mismatch is raised, never guessed around.
+
+A *reusable* exchange (a read: the same request gets the same answer until something changes
+it) is performed once per run: a repeat is answered from the run's answers and is not a new
+exchange, until `forget` drops that answer (a write to the same place). Replaying follows the
+same rule, so it asks the recording for exactly what was recorded. In a recording, reusable
+exchanges are matched by request wherever they stand; the others in order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ubertool.tools import ToolFailure
+from ubertool.tools.files import open_private, private_folder
 
 Json = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class Body:
+    """Bytes kept in a spool file instead of memory; equal when their content is."""
+
+    sha256: str
+    size: int
+    path: Path = field(compare=False, repr=False)
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+
+class Spool:
+    """Content-addressed, owner-only files for a run's bodies (one file per distinct body);
+    the folder is made at first use and removed by `close`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+
+    def writer(self) -> SpoolWriter:
+        """A file to stream one body into; `SpoolWriter.done()` names it by its hash."""
+        with self._lock:
+            private_folder(self.folder)
+        return SpoolWriter(self)
+
+    def put(self, data: bytes) -> Body:
+        with self.writer() as writer:
+            writer.write(data)
+            return writer.done()
+
+    def close(self) -> None:
+        for entry in self.folder.glob("*") if self.folder.is_dir() else ():
+            entry.unlink(missing_ok=True)
+        if self.folder.is_dir():
+            self.folder.rmdir()
+
+
+class SpoolWriter:
+    """One body being written (a context manager; an unfinished body is removed)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._tmp = spool.folder / f".{os.urandom(8).hex()}.part"
+        self._file = open(open_private(self._tmp, os.O_WRONLY | os.O_EXCL), "wb")  # noqa: SIM115
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def done(self) -> Body:
+        self._file.close()
+        digest = self._hash.hexdigest()
+        path = self._spool.folder / digest
+        self._tmp.replace(path)  # the same content: the same name, kept once
+        return Body(digest, self.size, path)
+
+    def __enter__(self) -> SpoolWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
 class Exchange:
     """One crossing: what was asked (`request`) and what came back (`response`): JSON values,
-    and bytes for bodies (whoever stores an exchange encodes those)."""
+    and bytes or `Body` for bodies (whoever stores an exchange encodes those). `reusable`: a
+    read whose answer stands for the same request later in the run."""
 
     kind: str
     request: Json
     response: Json
+    reusable: bool = False
+
+    @property
+    def key(self) -> str:
+        return _key(self.kind, self.request)
+
+
+def _key(kind: str, request: Json) -> str:
+    return json.dumps([kind, request], sort_keys=True, default=str)
 
 
 class ReplayMismatch(RuntimeError):
-    """A replayed cell asked for something other than what the recording holds next."""
+    """A replayed cell asked for something the recording does not hold there."""
+
+
+@dataclass
+class _Replay:
+    ordered: list[Exchange]  # the non-reusable ones, in order
+    reusable: dict[str, list[Exchange]]  # by key, in order
 
 
 class Recorder:
@@ -39,31 +133,57 @@ class Recorder:
 
     def __init__(self) -> None:
         self._log: list[Exchange] = []
-        self._replay: deque[Exchange] | None = None
+        self._answers: dict[str, Json] = {}
+        self._replay: _Replay | None = None
         self._lock = threading.Lock()
         self.mismatch: str = ""
 
-    def exchange(self, kind: str, request: Json, perform: Callable[[], Json]) -> Json:
+    @property
+    def replaying_now(self) -> bool:
+        return self._replay is not None
+
+    def exchange(self, kind: str, request: Json, perform: Callable[[], Json], *,
+                 reusable: bool = False) -> Json:
         """The response to `request`: performed and recorded live, or read from the recording.
+        A `reusable` request already answered in this run is answered again, unrecorded.
 
         Raises:
-            ReplayMismatch: replaying, and the recording holds something else next.
+            ReplayMismatch: replaying, and the recording does not hold this request.
         """
+        key = _key(kind, request)
         with self._lock:
+            if reusable and key in self._answers:
+                return self._answers[key]
             replay = self._replay
-        if replay is None:
-            response = perform()
-            with self._lock:
-                self._log.append(Exchange(kind, request, response))
-            return response
+            if replay is not None:
+                found = self._next_recorded(replay, kind, request, key, reusable)
+                self._log.append(found)
+                if reusable:
+                    self._answers[key] = found.response
+                return found.response
+        response = perform()
         with self._lock:
-            expected = replay.popleft() if replay else None
-            if expected is None or expected.kind != kind or expected.request != request:
-                held = "nothing more" if expected is None else f"{expected.kind} {expected.request}"
-                self.mismatch = f"the replay asked for {kind} {request}, but the recording holds {held}"
-                raise ReplayMismatch(self.mismatch)
-            self._log.append(expected)
-            return expected.response
+            self._log.append(Exchange(kind, request, response, reusable))
+            if reusable:
+                self._answers[key] = response
+        return response
+
+    def _next_recorded(self, replay: _Replay, kind: str, request: Json, key: str, reusable: bool) -> Exchange:
+        queue = replay.reusable.get(key) if reusable else None
+        if not queue:  # not reusable, or a recording that did not mark its reads: in order
+            queue = replay.ordered
+        expected = queue[0] if queue else None
+        if expected is None or expected.key != key:
+            held = "nothing more" if expected is None else f"{expected.kind} {expected.request}"
+            self.mismatch = f"the replay asked for {kind} {request}, but the recording holds {held}"
+            raise ReplayMismatch(self.mismatch)
+        del queue[0]
+        return expected
+
+    def forget(self, kind: str, request: Json) -> None:
+        """Drop the run's answer to a reusable request (something changed what it reads)."""
+        with self._lock:
+            self._answers.pop(_key(kind, request), None)
 
     def take(self) -> tuple[Exchange, ...]:
         """The exchanges since the last `take`, and forget them."""
@@ -73,16 +193,23 @@ class Recorder:
 
     @contextmanager
     def replaying(self, exchanges: Iterable[Exchange]) -> Iterator[None]:
-        """Answer every exchange in the block from `exchanges`, in order."""
+        """Answer every exchange in the block from `exchanges`, starting with no answers kept
+        (as the run did at its start). Afterwards the mode before it comes back, and the
+        answers the block rebuilt stay (a restore leaves the run where the replay got it)."""
+        recorded = list(exchanges)
+        replay = _Replay([e for e in recorded if not e.reusable], {})
+        for e in recorded:
+            if e.reusable:
+                replay.reusable.setdefault(e.key, []).append(e)
         with self._lock:
-            self._replay = deque(exchanges)
+            before = self._replay
+            self._replay, self._answers, self._log = replay, {}, []
             self.mismatch = ""
         try:
             yield
         finally:
-            with self._lock:
-                self._replay = None
-                self._log = []
+            with self._lock:  # the answers the replay rebuilt are the run's own from here on
+                self._replay, self._log = before, []
 
 
 def recorded_call(recorder: Recorder, tool: str, arguments: Json, perform: Callable[[], Json]) -> Json:

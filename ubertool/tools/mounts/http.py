@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ubertool.tools.credentials import CredentialBroker, CredentialError
 from ubertool.tools.mounts import Entry
-from ubertool.tools.recorder import Json, Recorder, ReplayMismatch
+from ubertool.tools.recorder import Body, Json, Recorder, ReplayMismatch, Spool
 from ubertool.tools.redact import Redactor
 
 _METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE")
@@ -104,7 +104,7 @@ class HttpMount:
     """The provider for one `http` mount in one run. Safe to call from the turn's thread."""
 
     def __init__(self, spec: HttpMountSpec, *, credentials: CredentialBroker | None,
-                 recorder: Recorder, redactor: Redactor,
+                 recorder: Recorder, redactor: Redactor, spool: Spool,
                  on_event: Callable[..., None] | None = None) -> None:
         self.spec = spec
         self._credentials = credentials
@@ -112,8 +112,8 @@ class HttpMount:
         self._redactor = redactor
         self._on_event = on_event or (lambda *a, **k: None)
         self._origin = urlsplit(spec.base_url)
-        self._cache: dict[str, bytes] = {}
-        self._pending: dict[str, bytes] = {}
+        self._spool = spool
+        self._pending: set[str] = set()  # files created empty, their content not written yet
         self._notes: list[str] = []
         self._lock = threading.Lock()
         self._http = httpx.Client(timeout=spec.timeout_s, follow_redirects=False)
@@ -127,7 +127,7 @@ class HttpMount:
         if path == "/" or self._is_listed_dir(path):
             return Entry("dir")
         if path in self._pending:
-            return Entry("file", len(self._pending[path]))
+            return Entry("file", 0)
         listed = self._listed_kind(path)
         if listed == "dir":
             return Entry("dir")
@@ -148,18 +148,18 @@ class HttpMount:
 
     def read(self, path: str) -> bytes:
         if path in self._pending:
-            return self._pending[path]
+            return b""
         return self._call("GET", path)
 
     def write(self, path: str, data: bytes) -> None:
         if not data:  # the create at open(); the content comes at close()
-            self._pending[path] = b""
+            self._pending.add(path)
             return
-        self._pending.pop(path, None)
+        self._pending.discard(path)
         self._call(self.spec.write_method, path, data)
 
     def remove(self, path: str) -> None:
-        self._pending.pop(path, None)
+        self._pending.discard(path)
         self._call("DELETE", path)
 
     def mkdir(self, path: str) -> None:
@@ -173,9 +173,9 @@ class HttpMount:
 
     def flush(self) -> None:
         """Send the files created empty and never written (called at the end of each cell)."""
-        pending, self._pending = self._pending, {}
-        for path, data in pending.items():
-            self._call(self.spec.write_method, path, data)
+        pending, self._pending = self._pending, set()
+        for path in sorted(pending):
+            self._call(self.spec.write_method, path, b"")
 
     def take_notes(self) -> list[str]:
         """Why requests were refused since the last call (the guest only sees an errno)."""
@@ -235,15 +235,22 @@ class HttpMount:
             raise self._refuse(f"{method} {path} is not allowed (policy mounts.{self.spec.name}.methods "
                                f"allows {', '.join(self.spec.methods)})")
         url = self._url(path)
-        request: Json = {"mount": self.spec.name, "method": method, "url": url,
-                         "body_sha256": hashlib.sha256(body).hexdigest() if body is not None else None}
+        request = self._request(method, url, body)
         try:
-            response = self._recorder.exchange("http", request, lambda: self._perform(method, url, body))
+            # A read is sent once per run; its answer stands until a write to the same URL.
+            response = self._recorder.exchange("http", request, lambda: self._perform(method, url, body),
+                                               reusable=method == "GET")
         except ReplayMismatch as exc:
             with self._lock:
                 self._notes.append(f"mount {self.spec.name}: {exc}")
             raise OSError(errno.EIO, f"{method} {path}: not in the recording") from None
+        if method != "GET" and response.get("status") is not None:
+            self._recorder.forget("http", self._request("GET", url, None))
         return self._answer(response, method, path)
+
+    def _request(self, method: str, url: str, body: bytes | None) -> Json:
+        return {"mount": self.spec.name, "method": method, "url": url,
+                "body_sha256": hashlib.sha256(body).hexdigest() if body is not None else None}
 
     def _answer(self, response: Json, method: str, path: str) -> bytes:
         status, error = response.get("status"), response.get("error")
@@ -263,7 +270,8 @@ class HttpMount:
             with self._lock:
                 self._notes.append(f"mount {self.spec.name}: {method} {path} answered HTTP {status}")
             raise OSError(errno.EIO, f"{method} {path}: HTTP {status}")
-        return bytes(response.get("body", b""))
+        body = response.get("body", b"")
+        return body.read() if isinstance(body, Body) else bytes(body)
 
     def _perform(self, method: str, url: str, body: bytes | None) -> Json:
         """Send one request (following same-origin redirects, retrying idempotent failures)."""
@@ -291,8 +299,6 @@ class HttpMount:
         return outcome
 
     def _send(self, method: str, url: str, body: bytes | None) -> Json:
-        if method == "GET" and url in self._cache:
-            return {"status": 200, "body": self._cache[url]}
         target = url
         for _ in range(_MAX_REDIRECTS + 1):
             self._check_address(target)
@@ -305,38 +311,34 @@ class HttpMount:
             except _TooLarge:
                 return {"error": "too_large"}
             if location is None:
-                return self._store(method, url, status, data, body)
+                return {"status": status, "body": data, "bytes": data.size}
             target = self._same_origin(urljoin(target, location))
         raise _Refused(errno.EPERM, f"more than {_MAX_REDIRECTS} redirects from {url}")
 
-    def _store(self, method: str, url: str, status: int, data: bytes, body: bytes | None) -> Json:
-        if 200 <= status < 300:
-            if method == "GET":
-                self._cache[url] = data
-            elif method in ("PUT", "POST") and body is not None:
-                self._cache[url] = body
-            elif method == "DELETE":
-                self._cache.pop(url, None)
-        return {"status": status, "body": data, "bytes": len(data)}
-
-    def _exchange_once(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes, str | None]:
+    def _exchange_once(self, method: str, url: str, body: bytes | None) -> tuple[int, Body, str | None]:
+        """One request; the response body streams into the run's spool (capped), not memory."""
         headers = {}
         if self.spec.credential and self._credentials is not None:
             name, value = self._credentials.header(self.spec.credential, method=method)
             headers[name] = value
-        with self._http.stream(method, url, content=body, headers=headers) as response:
+        with self._http.stream(method, url, content=body, headers=headers) as response, \
+                self._spool.writer() as spooled:
             if response.is_redirect:
-                return response.status_code, b"", response.headers.get("location", "")
+                return response.status_code, spooled.done(), response.headers.get("location", "")
             declared = int(response.headers.get("content-length") or 0)
             if declared > self.spec.max_bytes:
                 raise _TooLarge
-            chunks, size = [], 0
             for chunk in response.iter_bytes():  # decoded: a decompression bomb is cut here too
-                size += len(chunk)
-                if size > self.spec.max_bytes:
+                if spooled.size + len(chunk) > self.spec.max_bytes:
                     raise _TooLarge
-                chunks.append(chunk)
-        return response.status_code, self._redactor.data(b"".join(chunks)), None
+                spooled.write(chunk)
+            data = spooled.done()
+        if data.size:  # a secret may span chunks: redact the whole body, once (transiently in memory)
+            raw = data.read()
+            clean = self._redactor.data(raw)
+            if clean != raw:
+                data = self._spool.put(clean)
+        return response.status_code, data, None
 
     def _same_origin(self, url: str) -> str:
         parts = urlsplit(url)

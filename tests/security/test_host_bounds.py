@@ -1,0 +1,120 @@
+"""What a guest can make the host hold stays bounded: reads of a mount are sent and recorded once
+per run, bodies are kept once (in the journal as content-addressed BLOBs, in the run as spool
+files), and the journal is pruned."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, ubertool_command
+from fakeapi import ApiState, serve_api
+
+from ubertool.runtime.journal import Journal, default_journal_path
+from ubertool.runtime.policy import load_policy
+from ubertool.runtime.runs import open_run
+from ubertool.sandbox import Status
+
+pytestmark = pytest.mark.anyio
+MIB = 2**20
+
+
+@pytest.fixture
+def api() -> Iterator[tuple[str, ApiState]]:
+    with serve_api() as (url, state):
+        state.files["/big.bin"] = bytes(range(256)) * (MIB // 256)
+        state.files["/note.txt"] = b"v1"
+        yield url, state
+
+
+def policy(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(f"[[mounts]]\nkind = 'http'\nname = 'api'\nguest = '/api'\nbase_url = '{url}/v1'\n"
+                    "writable = true\nmethods = ['GET', 'PUT']\nallow_private = true\n")
+    return path
+
+
+def gets(state: ApiState, path: str) -> int:
+    return sum(1 for method, p, _ in state.log if method == "GET" and p.endswith(path))
+
+
+def ubertool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ubertool_command(), *args], capture_output=True, text=True, timeout=300,
+                          env=cli_env())
+
+
+async def test_repeated_reads_are_sent_recorded_and_journaled_once(api: tuple[str, ApiState],
+                                                                   tmp_path: Path) -> None:
+    url, state = api
+    journal_path = default_journal_path()
+    with Journal(journal_path) as journal:
+        async with open_run(load_policy(policy(tmp_path, url)), journal=journal) as run:
+            first = await run.cell("data = open('/api/big.bin', 'rb').read()\nlen(data)")
+            many = await run.cell("all(open('/api/big.bin', 'rb').read() == data for _ in range(200))")
+            assert (first.status, many.status, str(many.value)) == (Status.OK, Status.OK, "True"), many
+            run_id = run.id
+            spool = run.workspace.parent / "bodies"
+            assert [p.stat().st_size for p in spool.iterdir()] == [MIB]  # one file, on disk
+        assert gets(state, "/big.bin") == 1
+        assert (len(first.exchanges), len(many.exchanges)) == (1, 0)
+        db = sqlite3.connect(journal_path)
+        assert db.execute("SELECT COUNT(*), SUM(LENGTH(data)) FROM bodies").fetchone() == (1, MIB)
+        assert max(len(row[0]) for row in db.execute("SELECT exchanges FROM cells")) < 1000  # no base64
+        assert journal.cells(run_id)[0].exchanges[0].response["body"] == state.files["/big.bin"]
+    assert journal_path.stat().st_size < 3 * MIB
+    assert not spool.exists()  # removed with the run
+
+
+async def test_a_write_makes_the_next_read_ask_again_and_restore_sees_each_version(
+        api: tuple[str, ApiState], tmp_path: Path) -> None:
+    url, state = api
+    async with open_run(load_policy(policy(tmp_path, url))) as run:
+        assert (await run.cell("before = open('/api/note.txt').read()")).status is Status.OK
+        assert (await run.cell("open('/api/note.txt', 'w').write('v2')\n"
+                               "after = open('/api/note.txt').read()\nagain = open('/api/note.txt').read()")
+                ).status is Status.OK
+        timed_out = await run.cell("while True: pass", timeout_s=1)
+        assert timed_out.status is Status.TIMEOUT and timed_out.restored.ok, timed_out.restored
+        assert str((await run.cell("before, after, again")).value) == "('v1', 'v2', 'v2')"
+    assert gets(state, "/note.txt") == 2  # once before the write, once after; none by the restore
+
+
+async def test_an_offline_replay_finds_reads_made_by_cells_left_out(api: tuple[str, ApiState],
+                                                                    tmp_path: Path) -> None:
+    url, state = api
+    with Journal(default_journal_path()) as journal:
+        async with open_run(load_policy(policy(tmp_path, url)), journal=journal) as run:
+            failed = await run.cell("text = open('/api/note.txt').read()\n1 / 0")
+            assert failed.status is Status.ERROR
+            await run.cell("print(open('/api/note.txt').read().upper())")  # answered from the run
+            run_id = run.id
+    out = tmp_path / "book.py"
+    assert ubertool("sessions", "dump", run_id, "-o", str(out)).returncode == 0
+    del state.files["/note.txt"]
+    offline = ubertool("replay", str(out), "--offline")
+    assert (offline.returncode, offline.stdout) == (0, "V1\n"), offline.stderr
+
+
+async def test_prune_removes_old_runs_and_their_bodies_never_playbooks(api: tuple[str, ApiState],
+                                                                       tmp_path: Path) -> None:
+    url, _ = api
+    with Journal(default_journal_path()) as journal:
+        async with open_run(load_policy(policy(tmp_path, url)), journal=journal) as old:
+            await old.cell("open('/api/big.bin', 'rb').read(); x = 1")
+            await old.cell("import ubertool\nubertool.save_playbook('kept', 'd')")
+        async with open_run(load_policy(policy(tmp_path, url)), journal=journal) as new:
+            await new.cell("open('/api/note.txt').read()")
+            journal.db.execute("UPDATE runs SET started = '2000-01-01T00:00:00+00:00' WHERE id = ?", (old.id,))
+            journal.db.commit()
+            pruned = journal.prune(older_than_s=86_400)
+            assert pruned.runs == (old.id,) and pruned.bodies == 1  # the live run is kept
+            assert journal.cells(old.id) == [] and len(journal.cells(new.id)) == 1
+            playbook = old.workspace.parents[2] / "playbooks" / "kept.py"
+    assert playbook.is_file() and playbook.with_name("kept.recording.json").is_file()
+    done = ubertool("sessions", "prune", "--older-than", "0m")
+    assert done.returncode == 0 and done.stdout.startswith("Removed 1 runs and 1 bodies"), done.stdout
+    assert "Removed 0 runs" in ubertool("sessions", "prune", "--max-mib", "1").stdout
+    assert ubertool("sessions", "prune", "--older-than", "soon").returncode == 2
