@@ -89,5 +89,5 @@ def test_program_spawn_refuses_anything_not_allowed(tmp_path_factory: pytest.Tem
             assert str(exc)
             return
         assert name == "echo" and len(args) <= 2
-        assert all(re.match(specs["echo"].arg_pattern, a) for a in args)
+        assert all(re.fullmatch(specs["echo"].arg_pattern, a) for a in args)
         broker.programs_close(answer["handle"])

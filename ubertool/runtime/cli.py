@@ -28,6 +28,7 @@ from ubertool.runtime.policy import (
     load_policy,
     policy_document,
     policy_or_default,
+    policy_warnings,
 )
 from ubertool.runtime.render import render
 from ubertool.runtime.runs import open_run
@@ -295,12 +296,14 @@ def policy() -> None:
 @policy.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 def check(file: str) -> None:
-    """Validate FILE; print each problem with its key path."""
+    """Validate FILE; print each problem with its key path (exit 2), and warnings (exit 0)."""
     try:
-        load_policy(file)
+        checked = load_policy(file)
     except PolicyError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
+    for warning in policy_warnings(checked):
+        click.echo(f"{file}: warning: {warning}", err=True)
     click.echo(f"{file}: ok")
 
 

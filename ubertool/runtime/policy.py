@@ -23,6 +23,7 @@ from ubertool.runtime.home import state_home
 from ubertool.sandbox import GUESTLIB_GUEST
 from ubertool.tools.browser import BrowserSpec
 from ubertool.tools.credentials import CredentialSpec
+from ubertool.tools.jail import bwrap_problem
 from ubertool.tools.mounts.http import HttpMountSpec
 from ubertool.tools.programs import ProgramSpec
 from ubertool.tools.upstream import UpstreamSpec
@@ -239,6 +240,9 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: 
     folders = [(f"grants.{i}", g) for i, g in enumerate(grants)]
     folders += [(f"mounts.{i}", m) for i, m in enumerate(mounts) if isinstance(m, DirMount)]
     problems = [f"{source}: {key}.host: {p}" for key, g in folders if (p := _host_problem(g, key))]
+    problems += [f"{source}: tools.programs.{name}.ro_binds: {p}"
+                 for name, spec in policy.tools.programs.items() for bind in spec.ro_binds
+                 if (p := _bind_problem(Path(bind)))]
     if problems:
         raise PolicyError(problems)
     return policy.model_copy(update={"grants": grants, "mounts": mounts, "credentials": credentials})
@@ -258,9 +262,20 @@ def _host_problem(grant: Grant, key: str) -> str:
         return (f"{str(host)!r} is writable by every user of this machine (mode {mode & 0o7777:04o}), so "
                 f"another user could swap the files the guest sees; run `chmod o-w {host}`, or set "
                 f"{key}.world_writable = true if that is intended")
+    return _private_problem(host, "the guest")
+
+
+def _bind_problem(bind: Path) -> str:
+    """What is wrong with a program's read-only bind (bubblewrap follows its links)."""
+    if not bind.exists():
+        return f"{str(bind)!r} does not exist"
+    return _private_problem(bind.resolve(), "the program")
+
+
+def _private_problem(host: Path, who: str) -> str:
     for secret in _private_folders():
         if secret == host or secret.is_relative_to(host):
-            return f"{str(host)!r} would show the guest {str(secret)!r}, which holds ubertool's own state"
+            return f"{str(host)!r} would show {who} {str(secret)!r}, which holds ubertool's own state"
     return ""
 
 
@@ -316,3 +331,16 @@ def policy_document(policy: Policy) -> dict[str, Any]:
     data["grants"] = [{"host": str(g.host), "guest": g.guest, "world_writable": g.world_writable}
                       for g in policy.grants]
     return data
+
+
+def policy_warnings(policy: Policy) -> list[str]:
+    """What a valid policy allows that an operator should know (for `policy check`)."""
+    programs = policy.tools.programs
+    warnings = [f'tools.programs.{name}.jail = "none": it runs unjailed, as the host user, seeing the '
+                "host's files and network; a file the guest wrote in its folder can make it run the "
+                "guest's code on the host" for name, spec in programs.items() if spec.jail == "none"]
+    jailed = sorted(name for name, spec in programs.items() if spec.jail == "bwrap")
+    if jailed and (problem := bwrap_problem()):
+        warnings.append(f"tools.programs ({', '.join(jailed)}): {problem}; until then these programs "
+                        "are refused")
+    return warnings

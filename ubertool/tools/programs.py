@@ -1,32 +1,51 @@
 """Interactive programs for the guest, driven on the host with pexpect, only as the policy allows.
 
 Policy `[tools.programs.NAME]` fixes a program's argv; the guest may add arguments only when
-`extra_args` allows them, each matching `arg_pattern`. There is no shell. A child runs in the
-run's own working folder with a small environment (never the host's), its output and time
-capped; every child is killed when the run ends. Every call is recorded (so a restore replays
-it without touching the child) and audited.
+`extra_args` allows them, each wholly matching `arg_pattern`. There is no shell. A child runs
+in a bubblewrap jail (`ubertool.tools.jail`) that shows it its folder of the workspace and the
+system folders, with a small environment (never the host's), its output and time capped; every
+child is killed when the run ends. Every call is recorded (so a restore replays it without
+touching the child) and audited.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pexpect
+import ptyprocess
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ubertool.tools import ToolFailure
 from ubertool.tools.broker import Broker
+from ubertool.tools.jail import (
+    bind_problem,
+    bwrap_command,
+    bwrap_executable,
+    bwrap_problem,
+    jail_env,
+    jail_folder,
+    open_folder,
+)
 from ubertool.tools.recorder import Recorder
 from ubertool.tools.redact import Redactor
 
 _GRACE_S = 0.5  # how long close() lets a program end by itself before it is killed
+
+
+# Letters, digits and `_.,:=/+-`; not starting with `-` (no options), no `..` anywhere (no
+# climbing, and no `a..b` either: simpler to state than "as a path component").
+DEFAULT_ARG_PATTERN = r"(?!-)(?!.*\.\.)[\w.,:=/+-]*"
 
 
 class ProgramSpec(BaseModel):
@@ -41,7 +60,13 @@ class ProgramSpec(BaseModel):
     lifetime_s: float = Field(600.0, gt=0, le=86_400)  # then the child is killed
     max_output_bytes: int = Field(1_048_576, ge=1024, le=64 * 2**20)  # per answer
     extra_args: int = Field(0, ge=0, le=64)  # how many arguments the guest may add
-    arg_pattern: str = r"^[\w.,:=/+-]*$"
+    arg_pattern: str = DEFAULT_ARG_PATTERN  # each extra argument must match it whole
+    # "bwrap": the jail (ubertool.tools.jail). "none": the host as is, as the host user: only for
+    # programs you would let a stranger run on your machine; `policy check` warns.
+    jail: Literal["bwrap", "none"] = "bwrap"
+    network: bool = False  # jailed: share the host's network (else there is none)
+    ro_binds: tuple[str, ...] = Field((), strict=False)  # jailed: host paths shown read-only
+    tmp_mib: int = Field(64, ge=1, le=16_384)  # jailed: the size of its /tmp and of its HOME
 
     @field_validator("cwd")
     @classmethod
@@ -50,12 +75,47 @@ class ProgramSpec(BaseModel):
             raise ValueError(f"{value!r}: a folder relative to the workspace, without '..'")
         return value
 
+    @field_validator("arg_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("ro_binds")
+    @classmethod
+    def _bindable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if problem := bind_problem(path):
+                raise ValueError(problem)
+        return value
+
 
 @dataclass
 class _Child:
     name: str
     process: pexpect.spawn
     started: float = field(default_factory=time.monotonic)
+
+
+class _Spawn(pexpect.spawn):
+    """`pexpect.spawn` that hands the child one open folder: its working folder, and bwrap's
+    `--bind-fd` (pexpect itself closes every descriptor but 0-2)."""
+
+    def __init__(self, command: str, args: list[str], *, folder_fd: int, jailed: bool,
+                 **kwargs: Any) -> None:
+        self._folder_fd = folder_fd
+        self._jailed = jailed
+        super().__init__(command, args, preexec_fn=self._in_child, **kwargs)
+
+    def _spawnpty(self, args: list[str], **kwargs: Any) -> ptyprocess.PtyProcess:
+        return ptyprocess.PtyProcess.spawn(args, pass_fds=(self._folder_fd,), **kwargs)
+
+    def _in_child(self) -> None:  # after fork, before exec
+        os.fchdir(self._folder_fd)
+        os.set_inheritable(self._folder_fd, self._jailed)
 
 
 class ProgramBroker(Broker):
@@ -70,7 +130,14 @@ class ProgramBroker(Broker):
         self._workdir = workdir
         self._children: dict[int, _Child] = {}
         self._next = 1
-        self._stack.callback(self.close_all)
+        # One long-lived thread starts every child: bwrap's --die-with-parent fires when the
+        # *thread* that forked it ends, and a cell's worker thread ends when it idles.
+        self._starter = self._stack.enter_context(
+            ThreadPoolExecutor(1, thread_name_prefix="ubertool-programs"))
+        # Unjailed programs get a private HOME, never the guest's workspace.
+        self._home = (self._stack.enter_context(tempfile.TemporaryDirectory(prefix="ubertool-home-"))
+                      if any(spec.jail == "none" for spec in specs.values()) else "")
+        self._stack.callback(self.close_all)  # closed first: children end before the above
 
     def close_all(self) -> None:
         with self._lock:
@@ -149,27 +216,51 @@ class ProgramBroker(Broker):
             raise ToolFailure(f"program {name!r} takes at most {spec.extra_args} extra arguments "
                               f"(policy tools.programs.{name}.extra_args)")
         for arg in args:
-            if not re.match(spec.arg_pattern, arg):
+            if not isinstance(arg, str) or not re.fullmatch(spec.arg_pattern, arg):
                 raise ToolFailure(f"argument {arg!r} does not match tools.programs.{name}.arg_pattern")
-        cwd = self._workdir / spec.cwd
-        # The guest owns the workspace: a link it made on the way must not lead the child out
-        # (checked before anything is made; the guest waits while this call runs).
-        if not cwd.resolve().is_relative_to(self._workdir.resolve()):
-            raise ToolFailure(f"program {name!r}: its folder {spec.cwd!r} leads out of the workspace")
-        cwd.mkdir(parents=True, exist_ok=True)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self._workdir),
-               "LANG": "C.UTF-8", "TERM": "dumb", **spec.env}
+        if spec.jail == "bwrap" and (problem := bwrap_problem()):
+            raise ToolFailure(f"program {name!r} cannot start: {problem}; or an operator sets "
+                              f'tools.programs.{name}.jail = "none" to run it unjailed')
+        folder_fd = self._open_folder(name, spec)
         try:
-            process = pexpect.spawn(spec.argv[0], [*spec.argv[1:], *args], cwd=str(cwd), env=env,
-                                    encoding="utf-8", codec_errors="replace", timeout=spec.timeout_s,
-                                    maxread=65536, echo=False, dimensions=(24, 200))
+            process = self._starter.submit(self._start, spec, args, folder_fd).result()
         except pexpect.ExceptionPexpect as exc:
             raise ToolFailure(f"program {name!r} could not start: {exc}") from None
+        finally:
+            os.close(folder_fd)
         with self._lock:
             handle, self._next = self._next, self._next + 1
             self._children[handle] = _Child(name, process)
         self._on_event("program_spawned", program=name, handle=handle, pid=process.pid, args=args)
         return {"handle": handle, "pid": process.pid, "program": name}
+
+    def _open_folder(self, name: str, spec: ProgramSpec) -> int:
+        """The program's folder, made if missing. The guest owns the workspace: no link it made
+        may lead the child out, so each step is opened without following links, and the child
+        gets what was opened (a link swapped in meanwhile, by another program, changes nothing)."""
+        try:
+            return open_folder(self._workdir, spec.cwd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ToolFailure(f"program {name!r}: its folder {spec.cwd!r} is not a folder of the "
+                                  "workspace (a link or a file is on the way)") from None
+            raise ToolFailure(f"program {name!r}: its folder {spec.cwd!r} cannot be made: "
+                              f"{exc.strerror}") from None
+
+    def _start(self, spec: ProgramSpec, args: list[str], folder_fd: int) -> pexpect.spawn:
+        """Start the child (on the broker's own thread), jailed unless its policy says not."""
+        argv = [*spec.argv, *args]
+        if spec.jail == "bwrap":
+            argv = bwrap_command(bwrap_executable(), argv, folder_fd=folder_fd, folder=jail_folder(spec.cwd),
+                                 env=jail_env(spec.env), network=spec.network,
+                                 ro_binds=spec.ro_binds, tmp_bytes=spec.tmp_mib * 2**20)
+            env: dict[str, str] = {}  # bwrap passes on only what --setenv names
+        else:
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self._home,
+                   "LANG": "C.UTF-8", "TERM": "dumb", **spec.env}
+        return _Spawn(argv[0], argv[1:], folder_fd=folder_fd, jailed=spec.jail == "bwrap", env=env,
+                      encoding="utf-8", codec_errors="replace", timeout=spec.timeout_s,
+                      maxread=65536, echo=False, dimensions=(24, 200))
 
     def _child(self, handle: int) -> _Child:
         with self._lock:
