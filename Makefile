@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python bench/mcp_server.py
 	$(BIN)/python bench/mounts.py
 	$(BIN)/python bench/playbooks.py
+	$(BIN)/python bench/bounds.py
 
 # ubertool beside its peers in one run; writes bench/results/peers.md.
 bench-peers: setup
