@@ -158,3 +158,30 @@ def test_a_failing_cell_exits_1_and_names_it() -> None:
     assert done.returncode == 1
     assert "TypeError" in done.stderr
     assert "replay stopped: cell 3 failed (error)" in done.stderr
+
+
+def test_editor_cells_numbers_workspace_and_check(tmp_path: Path) -> None:
+    """Cells an editor adds (percent format) run; every message names the playbook's own cells;
+    --workspace keeps what the replay wrote; --check answers from the recording."""
+    book = tmp_path / "primes.py"
+    text = (REPO / "playbooks" / "primes.py").read_text()
+    text += ("\n# %% [markdown]\n# Some notes, kept as text.\n"
+             "\n# %% write it down\nopen('/workspace/count.txt', 'w').write(str(len(primes)))\n"
+             "\n# %%\ndef explode():\n    raise ValueError('boom')\n"
+             "\n# %% cell 9\nexplode()\n")
+    book.write_text(text)
+    shutil.copy(REPO / "playbooks" / "primes.recording.json", tmp_path)
+    out = tmp_path / "out"
+    done = ubertool("replay", str(book), "--workspace", str(out))
+    assert done.returncode == 1
+    assert (out / "count.txt").read_text() == "25"
+    assert 'File "<cell-9>", line 1' in done.stderr and 'File "<cell at line ' in done.stderr
+    assert "replay stopped: cell 9 failed (error)" in done.stderr
+    machine = json.loads(ubertool("replay", str(book), "--json").stdout)
+    assert machine["failed_cell"] == 9 and machine["failed"] == "cell 9"
+    labels = [c["label"] for c in machine["cells"]]
+    assert labels[-3].startswith("the cell at line") and labels[-3].endswith("(write it down)")
+
+    check = ubertool("replay", str(REPO / "playbooks" / "primes.py"), "--check", "-p", "limit=1000")
+    assert check.returncode == 3 and "note: --check compares with the session as dumped" in check.stderr
+    assert ubertool("replay", str(book), "--live").returncode == 2  # --live goes with --check

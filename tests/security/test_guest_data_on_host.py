@@ -130,10 +130,14 @@ def test_a_forged_or_edited_prologue_is_refused(tmp_path: Path) -> None:
         assert "book.py" in str(refused.value), label
 
 
-def test_a_cell_that_reads_as_a_marker_is_refused_not_misread() -> None:
-    for line in ("# %% cell 99", "# %% parameters", "# ubertool-playbook: {}"):
-        with pytest.raises(PlaybookError, match="reads as a playbook marker"):
-            dump([cell(1, f"x = 1\n{line}\ny = 2\n")], name="b", description="", params={}, source=source())
+def test_a_cell_line_that_reads_as_a_marker_never_splits_the_cell() -> None:
+    for line in ("# %% cell 99", "# %% parameters", "#%%", "# ubertool-playbook: {}"):
+        text, _ = dump([cell(1, f"x = 1\n{line}\ny = 2\n")], name="b", description="", params={},
+                       source=source())  # a comment: kept, with one '#' more
+        book = parse_playbook(Path("b.py"), text)
+        assert [s.code for s in book.cells] == [f"x = 1\n#{line}\ny = 2\n"], line
+        with pytest.raises(PlaybookError, match="reads as a playbook marker"):  # inside a string: refused
+            dump([cell(1, f"x = '''\n{line}\n'''\n")], name="b", description="", params={}, source=source())
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), object()], ids=["nan", "inf", "object"])

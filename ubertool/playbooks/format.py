@@ -32,10 +32,12 @@ a section whose marker says `(not replayed: ...)` is kept for reading only. Besi
 from __future__ import annotations
 
 import ast
+import io
 import json
 import keyword
 import math
 import re
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,10 @@ FORMAT = 2
 HEADER_LINE = 3  # 1-based: after the shebang and the title comment
 _HEADER_PREFIX = "# ubertool-playbook:"
 _HEADER = re.compile(r"^# ubertool-playbook: (\{.*\})$")
-_MARKER = re.compile(r"^# %% (?:(parameters)|cell (\d+)(?: \((not replayed: [^()]*)\))?)$")
+# A cell starts at any percent-format marker, as editors and Jupytext write them (`# %%`,
+# `# %% title`, `# %% [markdown]`); ubertool writes `# %% parameters` and `# %% cell N`.
+_MARKER = re.compile(r"^# ?%%(.*)$")
+_NUMBERED = re.compile(r"^cell (\d+)(?: \((not replayed: [^()]*)\))?$")
 _RECORDING = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.recording\.json$")
 _TITLE = "# ubertool playbook: replay it with `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly."
 
@@ -55,11 +60,20 @@ class PlaybookError(ValueError):
 
 @dataclass(frozen=True)
 class Section:
-    """A runnable part of a playbook: the parameters (number 0) or one cell of the session."""
+    """A runnable cell of a playbook: `number` is the session's (`# %% cell N`), None for a
+    cell an editor added (`# %%` or `# %% title`)."""
 
-    number: int
+    number: int | None
     code: str
     line: int  # where its code starts in the file, for error messages
+    title: str = ""
+
+    @property
+    def label(self) -> str:
+        """How messages name it: 'cell 3', or 'the cell at line 40 (title)'."""
+        if self.number is not None:
+            return f"cell {self.number}"
+        return f"the cell at line {self.line - 1}" + (f" ({self.title})" if self.title else "")
 
 
 @dataclass(frozen=True)
@@ -214,28 +228,34 @@ def parse_playbook(path: Path, text: str) -> Playbook:
     header = _header(path, lines)
     first = next((i for i, line in enumerate(lines) if _MARKER.match(line)), len(lines))
     _check_prologue(path, "\n".join(lines[:first]), header)
-    sections: list[tuple[int, bool, int, list[str]]] = []
+    sections: list[tuple[str, int, list[str]]] = []
     for lineno, line in enumerate(lines[first:], first + 1):
         marker = _MARKER.match(line)
         if marker:
-            number = 0 if marker.group(1) else int(marker.group(2))
-            sections.append((number, marker.group(3) is None, lineno + 1, []))
+            sections.append((marker.group(1).strip(), lineno + 1, []))
         else:
-            sections[-1][3].append(line)
-    cells, parameters = [], {}
-    for number, runs, line, body in sections:
+            sections[-1][2].append(line)
+    cells: list[Section] = []
+    parameters: dict[str, Any] | None = None
+    for title, line, body in sections:
         code = "\n".join(body).strip("\n") + "\n"
+        numbered = _NUMBERED.match(title)
+        section = Section(int(numbered.group(1)) if numbered else None, code, line, "" if numbered else title)
+        if title.startswith(("[markdown]", "[md]")) or (numbered and numbered.group(2)):
+            continue  # text, or kept for reading only
         try:
             ast.parse(code)
         except SyntaxError as exc:
-            what = "the parameters" if number == 0 else f"cell {number}"
+            what = "the parameters" if title == "parameters" else section.label
             raise PlaybookError(f"{path}:{line + (exc.lineno or 1) - 1}: syntax error in {what}: "
                                 f"{exc.msg}") from None
-        if number == 0:
+        if title != "parameters":
+            cells.append(section)
+        elif parameters is None:
             parameters = _parse_parameters(code, f"{path}:{line}")
-        elif runs:
-            cells.append(Section(number, code, line))
-    return Playbook(path, header, parameters, tuple(cells))
+        else:
+            raise PlaybookError(f"{path}:{line - 1}: a second '# %% parameters' section; keep one")
+    return Playbook(path, header, parameters or {}, tuple(cells))
 
 
 def _header(path: Path, lines: list[str]) -> dict[str, Any]:
@@ -314,13 +334,28 @@ def render(draft: Draft) -> str:
 
 
 def _code(number: int, code: str) -> str:
+    """A cell's code as the file holds it. A comment line that would start a cell of its own
+    (`# %% ...`, as notebook users write) gets one more `#`; any other such line is refused."""
     lines = source_lines(code.rstrip())
-    for line in lines:
-        if _MARKER.match(line) or line.startswith(_HEADER_PREFIX):
-            raise PlaybookError(f"cell {number} has a line that reads as a playbook marker ({line[:60]!r}); "
-                                "change that line (a comment or text starting '# %%' or "
-                                f"'{_HEADER_PREFIX}') and save again")
+    comments = _comment_lines("\n".join(lines))
+    for index, line in enumerate(lines):
+        if not (_MARKER.match(line) or line.startswith(_HEADER_PREFIX)):
+            continue
+        if index + 1 in comments:
+            lines[index] = "#" + line
+            continue
+        raise PlaybookError(f"cell {number} has a line that reads as a playbook marker ({line[:60]!r}); "
+                            f"change that line (text starting '# %%' or '{_HEADER_PREFIX}') and save again")
     return "\n".join(lines) + "\n"
+
+
+def _comment_lines(code: str) -> set[int]:
+    """The numbers of the lines that are whole-line comments."""
+    try:
+        return {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(code).readline)
+                if tok.type == tokenize.COMMENT and tok.start[1] == 0}
+    except (tokenize.TokenError, SyntaxError):
+        return set()
 
 
 def _check_round_trip(draft: Draft, text: str) -> None:

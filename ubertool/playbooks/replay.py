@@ -10,17 +10,18 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from ubertool.playbooks.format import Playbook, PlaybookError, parameters_code, parse_assignments
+from ubertool.playbooks.format import Playbook, PlaybookError, Section, parameters_code, parse_assignments
 from ubertool.runtime.journal import Journal, decode_exchanges
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.render import render
 from ubertool.runtime.runs import open_run
-from ubertool.sandbox import CellResult
+from ubertool.sandbox import CellError, CellResult
 from ubertool.tools.recorder import Exchange
 
 DONE, CELL_FAILED, USAGE, CHECK_FAILED = 0, 1, 2, 3
@@ -79,24 +80,49 @@ def load_recording(playbook: Playbook) -> dict[int, dict[str, Any]]:
 class Outcome:
     exit_code: int = DONE
     cells: list[dict[str, Any]] = field(default_factory=list)
-    failed_cell: int | None = None
+    failed_cell: int | None = None  # the playbook's own number (`# %% cell N`)
+    failed: str | None = None  # how messages name it ("cell 9", "the parameters", ...)
     differences: list[str] = field(default_factory=list)
 
 
-def _differs(number: int, result: CellResult, expected: dict[str, Any]) -> str:
-    """How cell `number`'s output differs from the dumped session's, or ''."""
+def _differs(section: Section, result: CellResult, expected: dict[str, Any]) -> str:
+    """How the cell's output differs from the dumped session's, or ''."""
     value = None if result.value is None else str(result.value)
     for part, got, want in (("stdout", str(result.stdout), expected.get("stdout", "")),
                             ("value", value, expected.get("value"))):
         if got != want:
-            return f"cell {number}: {part} differs: expected {want!r:.200}, got {got!r:.200}"
+            return f"{section.label}: {part} differs: expected {want!r:.200}, got {got!r:.200}"
     return ""
 
 
+class _Names:
+    """The run's cell numbers as the playbook's own, in everything a replay prints."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, str] = {}
+
+    def add(self, result: CellResult, name: str) -> CellResult:
+        self._names[str(result.cell)] = name
+        error = result.error
+        if error is None:
+            return result
+        renamed = CellError(error.type, self._sub(error.message), self._sub(error.traceback))
+        return replace(result, error=renamed)
+
+    def _sub(self, text: str) -> str:
+        return _CELL_NAME.sub(lambda m: f"<{self._names.get(m.group(1), m.group(0)[1:-1])}>", text)
+
+
+_CELL_NAME = re.compile(r"<cell-(\d+)>")
+
+
 async def replay(playbook: Playbook, policy: Policy, overrides: dict[str, Any], *, check: bool,
-                 offline: bool, as_json: bool, journal: Journal | None, out: TextIO = sys.stdout,
-                 err: TextIO = sys.stderr) -> Outcome:
-    """Run the playbook; print each cell's output (or, `as_json`, nothing until the end)."""
+                 offline: bool, as_json: bool, journal: Journal | None, workspace: Path | None = None,
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Outcome:
+    """Run the playbook; print each cell's output (or, `as_json`, nothing until the end).
+    Cells are named by the playbook's own numbers everywhere. With `check`, each cell's output
+    is compared with the dumped session's; with `offline`, outside exchanges are answered from
+    the recording. `workspace` is a host folder to use (and keep) as /workspace."""
     recording = load_recording(playbook) if check or offline else {}
     exchanges: list[Exchange] | None = None
     if offline:
@@ -104,35 +130,35 @@ async def replay(playbook: Playbook, policy: Policy, overrides: dict[str, Any], 
                      for e in decode_exchanges(json.dumps(recording[number].get("exchanges", [])))]
     params = {**playbook.parameters, **overrides}
     outcome = Outcome()
+    names = _Names()
     tty = err.isatty() and not as_json
-    async with open_run(policy, kind="replay", journal=journal, replay=exchanges) as run:
+    async with open_run(policy, kind="replay", journal=journal, replay=exchanges, workspace=workspace) as run:
         if params:
-            result = await run.cell(parameters_code(params), echo=False)
+            result = names.add(await run.cell(parameters_code(params), echo=False), "parameters")
             if result.failed:
-                return _fail(outcome, result, "parameters", err, as_json)
+                return _fail(outcome, result, None, err, as_json)
         total = len(playbook.cells)
         for index, section in enumerate(playbook.cells, 1):
             if tty:
-                err.write(f"\r[{index}/{total}] cell {section.number} ...")
+                err.write(f"\r[{index}/{total}] {section.label} ...")
                 err.flush()
-            result = await run.cell(section.code)
+            result = names.add(await run.cell(section.code), _name(section))
             if tty:
-                err.write(f"\r[{index}/{total}] cell {section.number}: {result.status} "
-                          f"({result.duration_s:.2f} s)\n")
-            entry = {"number": section.number, "status": str(result.status), "stdout": str(result.stdout),
-                     "value": None if result.value is None else str(result.value),
+                err.write(f"\r[{index}/{total}] {section.label}: {result.status} ({result.duration_s:.2f} s)\n")
+            entry = {"number": section.number, "label": section.label, "status": str(result.status),
+                     "stdout": str(result.stdout), "value": None if result.value is None else str(result.value),
                      "duration_s": round(result.duration_s, 6),
                      "error": result.error.traceback if result.error else None}
             if not as_json:
                 render(result, out, err, show_value=True)
             if check and section.number in recording:
-                difference = _differs(section.number, result, recording[section.number])
+                difference = _differs(section, result, recording[section.number])
                 entry["check"] = "differs" if difference else "same"
                 if difference:
                     outcome.differences.append(difference)
             outcome.cells.append(entry)
             if result.failed:
-                return _fail(outcome, result, f"cell {section.number}", err, as_json)
+                return _fail(outcome, result, section, err, as_json)
     if outcome.differences:
         outcome.exit_code = CHECK_FAILED
         if not as_json:
@@ -141,11 +167,17 @@ async def replay(playbook: Playbook, policy: Policy, overrides: dict[str, Any], 
     return outcome
 
 
-def _fail(outcome: Outcome, result: CellResult, where: str, err: TextIO, as_json: bool) -> Outcome:
+def _name(section: Section) -> str:
+    """A cell's name in tracebacks: `<cell-9>` as in the file, or `<cell at line 40>`."""
+    return f"cell-{section.number}" if section.number is not None else section.label.removeprefix("the ")
+
+
+def _fail(outcome: Outcome, result: CellResult, section: Section | None, err: TextIO, as_json: bool) -> Outcome:
     outcome.exit_code = CELL_FAILED
-    outcome.failed_cell = result.cell
+    outcome.failed_cell = section.number if section is not None else None
+    outcome.failed = section.label if section is not None else "the parameters"
     if not as_json:
-        err.write(f"replay stopped: {where} failed ({result.status})"
+        err.write(f"replay stopped: {outcome.failed} failed ({result.status})"
                   + (f": {result.message}" if result.message else "") + "\n")
     return outcome
 

@@ -137,14 +137,20 @@ def serve(policy_path: str | None, transport: str, host: str, port: int) -> None
 
 @main.command()
 @click.argument("playbook", type=click.Path(dir_okay=False, path_type=Path))
-@policy_option
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False),
+              help="The policy to replay under. Default: the one the playbook names in its header "
+                   "(the embedded default policy if it names none).")
+@workspace_option
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Override a parameter (VALUE is read as a Python literal when it is one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document, for machines.")
-@click.option("--check", is_flag=True, help="Compare each cell's output with the dumped session's (exit 3).")
+@click.option("--check", is_flag=True, help="Compare each cell's output with the dumped session's (exit 3). "
+              "Offline unless --live: nothing is sent, nothing is written outside.")
 @click.option("--offline", is_flag=True, help="Answer mount reads and tool calls from the recording.")
-def replay(playbook: Path, policy_path: str | None, params: tuple[str, ...], as_json: bool, check: bool,
-           offline: bool) -> None:
+@click.option("--live", is_flag=True, help="With --check: send requests and tool calls for real "
+              "(writes happen again).")
+def replay(playbook: Path, policy_path: str | None, workspace: Path | None, params: tuple[str, ...],
+           as_json: bool, check: bool, offline: bool, live: bool) -> None:
     """Replay a PLAYBOOK in the sandbox, under its policy.
 
     Exit codes: 0 done, 1 a cell failed, 2 usage or policy error, 3 --check found a difference.
@@ -159,6 +165,9 @@ def replay(playbook: Path, policy_path: str | None, params: tuple[str, ...], as_
     )
     from ubertool.playbooks.replay import replay as run_playbook
 
+    if live and (offline or not check):
+        raise click.UsageError("--live goes with --check (and not with --offline)")
+    offline = offline or (check and not live)
     try:
         book = read_playbook(playbook)
         policy = _policy(resolve_policy_path(book, policy_path))
@@ -168,11 +177,16 @@ def replay(playbook: Path, policy_path: str | None, params: tuple[str, ...], as_
     except (PlaybookError, ReplayUsageError) as exc:
         click.echo(f"ubertool replay: {exc}", err=True)
         sys.exit(USAGE)
+    if check and overrides:
+        click.echo("note: --check compares with the session as dumped, with its default parameters; "
+                   f"-p {' '.join(params)} may change what the cells print", err=True)
+    if check and live:
+        click.echo("note: --check --live sends requests and tool calls again: writes happen again", err=True)
 
     async def go() -> Any:
         with Journal.default(policy.journal) as journal:
             return await run_playbook(book, policy, overrides, check=check, offline=offline,
-                                      as_json=as_json, journal=journal)
+                                      as_json=as_json, journal=journal, workspace=workspace)
 
     try:
         outcome = _sandboxed(anyio.run, go)
@@ -181,8 +195,8 @@ def replay(playbook: Path, policy_path: str | None, params: tuple[str, ...], as_
         sys.exit(USAGE)
     if as_json:
         click.echo(json.dumps({"playbook": str(playbook), "exit_code": outcome.exit_code,
-                               "failed_cell": outcome.failed_cell, "differences": outcome.differences,
-                               "cells": outcome.cells}, indent=1))
+                               "failed_cell": outcome.failed_cell, "failed": outcome.failed,
+                               "differences": outcome.differences, "cells": outcome.cells}, indent=1))
     sys.exit(outcome.exit_code)
 
 
