@@ -291,7 +291,7 @@ async def server_process(_isolated_home: Path) -> AsyncIterator[tuple[subprocess
                 proc.wait(timeout=30)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_a_signal_stops_the_server_cleanly_with_a_cell_in_flight(
         server_process: tuple[subprocess.Popen[bytes], str, Any], signum: int) -> None:
     proc, url, log = server_process
