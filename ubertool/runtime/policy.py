@@ -170,7 +170,7 @@ class Server(_Section):
     token: ServerToken | None = None
     oauth: ServerOAuth | None = None
     max_sessions_per_principal: int = Field(8, ge=1, le=1024)
-    unused_session_idle_s: PositiveSeconds = 60.0  # a session never called after its first cell
+    unused_session_idle_s: PositiveSeconds = 120.0  # a session never called after its first cell
 
     @model_validator(mode="after")
     def _one_auth(self) -> Server:

@@ -11,7 +11,8 @@ mapped to its own session without a handle.
 No lock-out: when a principal is at `[server] max_sessions_per_principal`, or the server at
 `limits.max_sessions`, the least recently used idle session (the principal's own, or any) is
 closed, audited, before a new one is refused. A session opened and never called again is
-closed after `[server] unused_session_idle_s`.
+closed after `[server] unused_session_idle_s` (unless its connection names it: stdio,
+`Mcp-Session-Id`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class _Live:
     stack: AsyncExitStack
     opened: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    keyed: bool = False  # bound to a connection (stdio, Mcp-Session-Id), which names it in every call
     calls: int = 0  # calls that asked for this session, the one that opened it included
     active: int = 0  # calls holding it now (from `use` until their reply)
 
@@ -187,7 +189,7 @@ class SessionManager:
                                                        principal=principal))
         run.name_session(handle)
         run.audit.event("session_open", session=handle, principal=principal)
-        live = self._live[handle] = _Live(handle, principal, run, stack)
+        live = self._live[handle] = _Live(handle, principal, run, stack, keyed=key is not None)
         if key is not None:
             self._by_key[(principal, key)] = handle
         return live
@@ -207,7 +209,7 @@ class SessionManager:
         if not live.idle():
             return ""
         unused = server.unused_session_idle_s
-        if live.calls <= 1 and now - live.last_used > unused:
+        if not live.keyed and live.calls <= 1 and now - live.last_used > unused:
             return f"never called again within server.unused_session_idle_s ({unused:g} s)"
         if now - max(live.last_used, live.run.session.last_active) > limits.session_idle_s:
             return f"idle over session_idle_s ({limits.session_idle_s:g} s)"
