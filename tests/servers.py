@@ -9,6 +9,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import IO
 
 
 def free_port() -> int:
@@ -18,8 +20,11 @@ def free_port() -> int:
 
 
 def start_http_server(command: str, env: Mapping[str, str], args: Sequence[str] = (), *,
-                      port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+                      port: int | None = None, stderr: IO[bytes] | None = None,
+                      ) -> tuple[subprocess.Popen[bytes], str]:
     """Start the server and wait (60 s at most) until it answers HTTP; returns it and its /mcp URL.
+    Its error output goes to `stderr` when given (a file the caller reads), else it is kept only
+    to explain a failed start.
 
     Raises:
         RuntimeError: the server exited or did not answer in time (with its error output).
@@ -27,7 +32,7 @@ def start_http_server(command: str, env: Mapping[str, str], args: Sequence[str] 
     port = port or free_port()
     # The server's stderr goes to a file read only if it fails to start; the server keeps its own
     # descriptor when ours is closed.
-    with tempfile.TemporaryFile() as log:
+    with nullcontext(stderr) if stderr is not None else tempfile.TemporaryFile() as log:
         proc = subprocess.Popen([command, "serve", "--transport", "http", "--port", str(port), *args],
                                 env=dict(env), stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 60

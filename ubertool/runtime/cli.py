@@ -123,16 +123,49 @@ def shell(policy_path: str | None, workspace: Path | None) -> None:
 @main.command()
 @policy_option
 @click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP only.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP only: the address to bind.")
 @click.option("--port", type=int, default=8765, show_default=True, help="HTTP only.")
-def serve(policy_path: str | None, transport: str, host: str, port: int) -> None:
-    """Serve the one `python` tool over MCP (stdio, or streamable HTTP at /mcp)."""
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="HTTP only: a Host header value to accept besides the bound address and loopback "
+                   "names (a glob such as *.example.com works). Repeatable.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="HTTP only: a browser Origin to accept, e.g. https://app.example.com. Repeatable.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="HTTP only: require this bearer "
+              "token (the file's text) on every request.")
+@click.option("--token-env", metavar="VAR", help="HTTP only: require the bearer token in $VAR.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="HTTP only: serve a non-loopback address without authentication.")
+def serve(policy_path: str | None, transport: str, host: str, port: int, allow_hosts: tuple[str, ...],
+          allow_origins: tuple[str, ...], token_file: str | None, token_env: str | None,
+          insecure_no_auth: bool) -> None:
+    """Serve the one `python` tool over MCP (stdio, or streamable HTTP at /mcp).
+
+    Over HTTP every request's Host and Origin are checked and, with a token or a [server.oauth]
+    policy section, its bearer token. SIGINT or SIGTERM stops the server cleanly (exit 0).
+    """
+    from ubertool.runtime.frontdoor import FrontDoor, FrontDoorError
+    from ubertool.runtime.policy import ServerToken
     from ubertool.runtime.server import serve as serve_mcp
 
+    if token_file and token_env:
+        raise click.UsageError("give one of --token-file and --token-env")
     policy = _policy(policy_path)
+    try:
+        token = (ServerToken(file=str(Path(token_file).resolve())) if token_file
+                 else ServerToken(env=token_env) if token_env else None)
+    except ValueError:
+        raise click.UsageError(f"--token-env: {token_env!r} is not an environment variable name") from None
+    door = None
     if transport == "http":
-        click.echo(f"ubertool serving MCP at http://{host}:{port}/mcp (policy: {policy.source})", err=True)
-    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port))
+        try:
+            door = FrontDoor.of(policy, host=host, port=port, allow_hosts=allow_hosts,
+                                allow_origins=allow_origins, token=token, insecure_no_auth=insecure_no_auth)
+        except FrontDoorError as exc:
+            click.echo(f"ubertool serve: {exc}", err=True)
+            sys.exit(2)
+        click.echo(f"ubertool serving MCP at http://{host}:{port}/mcp (policy: {policy.source}; "
+                   f"authentication: {door.kind})", err=True)
+    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port, door=door))
 
 
 @main.command()

@@ -140,6 +140,59 @@ class Tools(_Section):
     mcp: dict[str, UpstreamSpec] = Field(default_factory=dict)
 
 
+class ServerToken(_Section):
+    """`[server.token]`: one static bearer token, read from `env` or `file` (exactly one; a
+    relative file is read from the policy's folder). The policy names where it is, never it."""
+
+    env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    file: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ServerToken:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env = \"VAR\" or file = \"path\"")
+        return self
+
+
+class ServerOAuth(_Section):
+    """`[server.oauth]`: an OAuth 2.1 resource server. Access tokens are JWTs from `issuer`
+    for `audience`, checked against `jwks_uri` or a PEM `public_key_file` (exactly one)."""
+
+    issuer: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    jwks_uri: str | None = Field(None, pattern=r"^https?://")
+    public_key_file: str | None = Field(None, min_length=1)
+    algorithm: str = "RS256"
+    required_scopes: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    # Advertised in the RFC 9728 metadata; default: the issuer.
+    authorization_servers: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    # This server's public base URL, e.g. "https://mcp.example.com"; default: http://HOST:PORT.
+    base_url: str | None = Field(None, pattern=r"^https?://")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ServerOAuth:
+        if (self.jwks_uri is None) == (self.public_key_file is None):
+            raise ValueError("give exactly one of jwks_uri or public_key_file")
+        return self
+
+
+class Server(_Section):
+    """`[server]`: the HTTP front door of `ubertool serve` (ignored by every other command)."""
+
+    allowed_hosts: Annotated[tuple[str, ...], Field(strict=False)] = ()  # beyond the bound address
+    allowed_origins: Annotated[tuple[str, ...], Field(strict=False)] = ()  # and loopback names
+    token: ServerToken | None = None
+    oauth: ServerOAuth | None = None
+    max_sessions_per_principal: int = Field(8, ge=1, le=1024)
+    unused_session_idle_s: PositiveSeconds = 120.0  # a session never called after its first cell
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> Server:
+        if self.token is not None and self.oauth is not None:
+            raise ValueError("token: give [server.token] or [server.oauth], not both")
+        return self
+
+
 class Policy(_Section):
     """The whole policy. `source` is the file it came from (not a key of the file)."""
 
@@ -151,6 +204,7 @@ class Policy(_Section):
     mounts: Annotated[tuple[Mount, ...], Field(strict=False)] = ()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     tools: Tools = Tools()
+    server: Server = Server()
     source: str = Field(DEFAULT_POLICY_NAME, exclude=True)
     sha256: str = Field("", exclude=True)  # of the file's text, so a playbook knows its policy
     path: Path | None = Field(None, exclude=True)  # the file, resolved; None for the embedded one

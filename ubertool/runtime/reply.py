@@ -96,7 +96,8 @@ def structured(handle: str, result: CellResult, shown: dict[str, str | None],
     }
 
 
-def refusal(message: str) -> ToolResult:
-    """A call that ran no cell (no session could be had); an error result, not a protocol error."""
+def refusal(message: str, *, status: str = "denied") -> ToolResult:
+    """A call that ran no cell to its end (no session could be had: `denied`; the server is
+    stopping: `cancelled`); an error result, not a protocol error."""
     return ToolResult(content=[TextContent(type="text", text=message)],
-                      structured_content={"status": "denied", "message": message}, is_error=True)
+                      structured_content={"status": status, "message": message}, is_error=True)

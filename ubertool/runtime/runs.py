@@ -9,6 +9,7 @@ first. The guest's `ubertool.save_playbook(...)` is a host tool of the run.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
 import sqlite3
@@ -40,7 +41,7 @@ from ubertool.sandbox import (
 from ubertool.tools import ToolFailure
 from ubertool.tools.browser import BrowserBroker
 from ubertool.tools.credentials import CredentialBroker
-from ubertool.tools.files import private_folder, remove_tree
+from ubertool.tools.files import open_private, private_folder, remove_tree
 from ubertool.tools.mounts.http import HttpMount
 from ubertool.tools.programs import ProgramBroker
 from ubertool.tools.recorder import Exchange, Recorder, Spool, recorded_call
@@ -57,6 +58,7 @@ class RunRecord:
     policy: Policy
     cells: list[JournalCell] = field(default_factory=list)
     session: str | None = None
+    principal: str | None = None  # who opened it, for a server's run
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def _limits(policy: Policy) -> Limits:
 def source_facts(record: RunRecord) -> dict[str, Any]:
     """What a playbook's header says of the run it came from (names only, never secrets)."""
     policy = record.policy
-    return {"run": record.id, "session": record.session,
+    return {"run": record.id,
             "policy": str(policy.path) if policy.path else None, "policy_sha256": policy.sha256,
             "mounts": [f"{m.name} ({m.kind} {m.guest})" for m in policy.mounts],
             "credentials": sorted(policy.credentials),
@@ -169,6 +171,10 @@ def playbook_tool(record: RunRecord, recorder: Recorder) -> Callable[..., dict[s
                 path = write_playbook(playbooks_home() / f"{name}.py", text, recording, run=record.id)
             except PlaybookError as exc:
                 raise ToolFailure(str(exc)) from None
+            if record.principal is not None:  # whose session saved it, for playbook:// listings
+                with open(open_private(playbooks_home() / f"{name}{OWNER_SUFFIX}", os.O_WRONLY | os.O_TRUNC),
+                          "w", encoding="utf-8") as owner:
+                    owner.write(record.principal + "\n")
             return {"playbook": name, "path": str(path), "cells": len(recording["cells"]),
                     "replay": f"ubertool replay {path}"}
 
@@ -178,6 +184,18 @@ def playbook_tool(record: RunRecord, recorder: Recorder) -> Callable[..., dict[s
 
 def playbooks_home() -> Path:
     return state_folder("playbooks")
+
+
+OWNER_SUFFIX = ".owner"  # beside NAME.py: the principal whose session saved it
+
+
+def playbook_owner(name: str) -> str | None:
+    """The principal that saved playbook `name` from a server's session; None when no server
+    session did (saved from a shell, dumped by the CLI, copied in by hand, or absent)."""
+    try:
+        return (playbooks_home() / f"{name}{OWNER_SUFFIX}").read_text("utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 @contextmanager
@@ -222,10 +240,12 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
 
 @asynccontextmanager
 async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Journal | None = None,
-                   kind: str = "run", replay: Sequence[Exchange] | None = None) -> AsyncIterator[Run]:
+                   kind: str = "run", replay: Sequence[Exchange] | None = None,
+                   principal: str | None = None) -> AsyncIterator[Run]:
     """Start a run: make its workspace, audit log and brokers, open its sandbox; on exit close
     them all (credentials are revoked then). `kind` (mcp, run, shell, replay) goes to the
-    journal, when one is given; `replay` answers outside exchanges from a recording.
+    journal, when one is given; `replay` answers outside exchanges from a recording;
+    `principal` (a server's client) is audited and owns the playbooks the run saves.
 
     With `workspace` the given host folder (made if missing) is the workspace and is kept.
     Otherwise the run gets `<state>/runs/<id>/workspace`, removed at the end unless the
@@ -240,12 +260,13 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
         folder = Path(workspace).resolve()
         folder.mkdir(parents=True, exist_ok=True)
     redactor = Redactor()
-    record = RunRecord(run_id, kind, policy)
+    record = RunRecord(run_id, kind, policy, principal=principal)
     spool = Spool(run_dir / "bodies")
     try:
         with AuditLog(run_dir / "audit.jsonl", run_id, redactor) as audit, \
                 sandbox_config(policy, folder, audit, redactor, record, spool, replay) as config:
-            audit.event("run_start", run_kind=kind, policy=policy.source, workspace=str(folder))
+            audit.event("run_start", run_kind=kind, policy=policy.source, workspace=str(folder),
+                        principal=principal)
             if journal is not None:
                 journal.start_run(run_id, kind, policy.source, policy.sha256)
             try:

@@ -1,18 +1,28 @@
 """The MCP server: exactly one tool, `python`, over stdio or streamable HTTP (fastmcp).
 
-A call finds its session (`sessions.SessionManager`), runs the cell in it while sending
-progress every second after the first, and answers with `reply.reply`. A failed cell is a tool
-result with `isError`, never a protocol error; a client's cancellation stops the cell.
+A call finds its principal's session (`sessions.SessionManager`), runs the cell in it while
+sending progress every second after the first, and answers with `reply.reply`. A failed cell is
+a tool result with `isError`, never a protocol error; a client's cancellation, or closing its
+HTTP stream, stops the cell. Over HTTP the front door (`frontdoor`) checks Host, Origin and the
+bearer token first. SIGINT and SIGTERM stop the server cleanly: the cells in flight are stopped
+and answered `cancelled` ("the server is stopping"), every run is ended in the journal, and
+`serve` returns normally.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import anyio
+import fastmcp
+import uvicorn
 from fastmcp import Context, FastMCP
+from fastmcp.server.auth import AuthProvider
 from fastmcp.tools import ToolResult
 from mcp.types import ToolAnnotations
 from pydantic import Field
@@ -20,14 +30,17 @@ from pydantic import Field
 from ubertool import __version__
 from ubertool.playbooks.dump import NAME
 from ubertool.runtime.about import tool_description
+from ubertool.runtime.audit import AuditLog
+from ubertool.runtime.frontdoor import FrontDoor, principal, server_audit
 from ubertool.runtime.journal import Journal
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.reply import refusal, reply
-from ubertool.runtime.runs import playbooks_home
-from ubertool.runtime.sessions import SessionError, SessionManager
+from ubertool.runtime.runs import Run, playbook_owner, playbooks_home
+from ubertool.runtime.sessions import STOPPING, SessionError, SessionManager
 from ubertool.sandbox import SessionClosed
 
 PROGRESS_AFTER_S = 1.0
+GRACEFUL_S = 10.0  # how long uvicorn lets answered responses finish after a stop
 
 
 def _connection_key(ctx: Context) -> str | None:
@@ -58,8 +71,23 @@ async def _progress(ctx: Context, timeout_s: float) -> None:
         await anyio.sleep(1.0)
 
 
-def build_server(manager: SessionManager) -> FastMCP[Any]:
-    """The FastMCP app whose one tool runs cells in `manager`'s sessions (which it must run)."""
+async def _run_cell(ctx: Context, handle: str, run: Run, code: str, timeout_s: float | None) -> ToolResult:
+    timeout = run.timeout_for(timeout_s)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_progress, ctx, timeout)
+        try:
+            result = await run.cell(code, timeout_s=timeout, traceparent=_traceparent(ctx))
+        except SessionClosed:
+            return refusal(f"session {handle} was closed while this call waited. "
+                           "Call again without `session` to start a new one.")
+        finally:
+            tg.cancel_scope.cancel()
+    return reply(handle, result, run)
+
+
+def build_server(manager: SessionManager, auth: AuthProvider | None = None) -> FastMCP[Any]:
+    """The FastMCP app whose one tool runs cells in `manager`'s sessions (which it must run);
+    over HTTP, `auth` verifies each request's bearer token."""
     policy = manager.policy
 
     async def python(
@@ -71,24 +99,19 @@ def build_server(manager: SessionManager) -> FastMCP[Any]:
             description="The session to continue, as named by an earlier result. "
                         "Leave it out to start one (over stdio, to use the connection's own).")] = None,
     ) -> ToolResult:
-        try:
-            handle, run = await manager.get(session, _connection_key(ctx))
-        except SessionError as exc:
-            return refusal(str(exc))
-        timeout = run.timeout_for(timeout_s)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_progress, ctx, timeout)
+        held = "no session yet"
+        with manager.stoppable():
             try:
-                result = await run.cell(code, timeout_s=timeout, traceparent=_traceparent(ctx))
-            except SessionClosed:
-                return refusal(f"session {handle} was closed while this call waited. "
-                               "Call again without `session` to start a new one.")
-            finally:
-                tg.cancel_scope.cancel()
-        return reply(handle, result, run)
+                async with manager.use(session, _connection_key(ctx), principal()) as (handle, run):
+                    held = f"session {handle}, run {run.id}"
+                    return await _run_cell(ctx, handle, run, code, timeout_s)
+            except SessionError as exc:
+                return refusal(str(exc))
+        return refusal(f"[cancelled] {STOPPING}: this call was stopped ({held}); the session's "
+                       "finished cells are in the journal (`ubertool sessions dump`).", status="cancelled")
 
     server: FastMCP[Any] = FastMCP(
-        "ubertool", version=__version__,
+        "ubertool", version=__version__, auth=auth,
         instructions="One tool, `python`: a persistent Python sandbox. Read its description.")
     server.tool(python, name="python", description=tool_description(policy),
                 annotations=ToolAnnotations(title="Python sandbox", readOnlyHint=False,
@@ -99,32 +122,85 @@ def build_server(manager: SessionManager) -> FastMCP[Any]:
 
 
 def _add_playbook_resources(server: FastMCP[Any]) -> None:
-    """Saved playbooks as resources: `playbook://index` lists them, `playbook://NAME` is one."""
+    """Saved playbooks as resources: `playbook://index` lists those the caller's principal
+    saved, `playbook://NAME` is one of them. Playbooks nobody saved through a server session
+    (dumped by the CLI, saved from a shell, copied in) stay on disk, unlisted."""
+
+    def mine(name: str) -> bool:
+        return playbook_owner(name) == principal()
 
     @server.resource("playbook://index", mime_type="application/json",
-                     description="The playbooks saved with ubertool.save_playbook(), by name.")
+                     description="The playbooks you saved with ubertool.save_playbook(), by name.")
     def playbook_index() -> str:
         folder = playbooks_home()
-        names = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
-        return json.dumps({"playbooks": names, "folder": str(folder)})
+        names = sorted(p.stem for p in folder.glob("*.py") if mine(p.stem)) if folder.is_dir() else []
+        return json.dumps({"playbooks": names})
 
     @server.resource("playbook://{name}", mime_type="text/x-python",
                      description="One saved playbook's Python source.")
     def playbook_source(name: str) -> str:
-        if not NAME.match(name):
-            raise ValueError(f"no playbook named {name!r}")
         path = playbooks_home() / f"{name}.py"
-        if not path.is_file():
-            raise ValueError(f"no playbook named {name!r}; playbook://index lists them")
+        if not NAME.match(name) or not path.is_file() or not mine(name):
+            raise ValueError(f"no playbook named {name!r}; playbook://index lists yours")
         return path.read_text(encoding="utf-8")
 
 
-async def serve(policy: Policy, transport: str, *, host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Serve until the transport ends (stdin closed, or the process is stopped)."""
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers (which re-raise the signal after serving, a
+    traceback): `serve` stops the cells first, then tells uvicorn to exit."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _stop_on_signal(manager: SessionManager, then: Callable[[], None]) -> None:
+    """At SIGINT or SIGTERM, stop the calls in flight (each answered), then call `then`.
+    Later signals are swallowed while the shutdown runs."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            break
+        await manager.stop()
+        then()
+        await anyio.sleep_forever()
+
+
+async def _serve_http(server: FastMCP[Any], manager: SessionManager, door: FrontDoor, audit: AuditLog,
+                      host: str, port: int) -> None:
+    app = door.guard(server.http_app(transport="http", host_origin_protection=False), audit)
+    config = uvicorn.Config(app, host=host, port=port, lifespan="on", ws="websockets-sansio",
+                            timeout_graceful_shutdown=GRACEFUL_S,
+                            log_level=fastmcp.settings.log_level.lower())
+    web = _Uvicorn(config)
+
+    def exit_web() -> None:
+        web.should_exit = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, manager, exit_web)
+        await web.serve()
+        tg.cancel_scope.cancel()
+
+
+async def _serve_stdio(server: FastMCP[Any], manager: SessionManager) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, manager, tg.cancel_scope.cancel)
+        await server.run_async("stdio", show_banner=False)
+        tg.cancel_scope.cancel()
+
+
+async def serve(policy: Policy, transport: str, *, host: str = "127.0.0.1", port: int = 8765,
+                door: FrontDoor | None = None) -> None:
+    """Serve until the transport ends (stdin closed) or SIGINT/SIGTERM stops it cleanly.
+    Over HTTP, `door` guards every request (default: loopback names only, no auth)."""
     with Journal.default(policy.journal) as journal:
-        async with SessionManager(policy, journal=journal).running() as manager:
-            server = build_server(manager)
-            if transport == "http":
-                await server.run_async("http", show_banner=False, host=host, port=port)
-            else:
-                await server.run_async("stdio", show_banner=False)
+        if transport != "http":
+            async with SessionManager(policy, journal=journal).running() as manager:
+                await _serve_stdio(build_server(manager), manager)
+            return
+        door = door or FrontDoor()
+        with server_audit(transport="http", host=host, port=port, auth=door.kind,
+                          allowed_hosts=list(door.allowed_hosts) or None,
+                          allowed_origins=list(door.allowed_origins) or None) as audit:
+            async with SessionManager(policy, journal=journal, on_event=audit.event).running() as manager:
+                await _serve_http(build_server(manager, door.auth), manager, door, audit, host, port)

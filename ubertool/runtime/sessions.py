@@ -1,17 +1,26 @@
-"""The server's live sessions: one run per session handle, bounded, reaped when idle or old.
+"""The server's live sessions: one run per session handle, owned by a principal, bounded,
+reaped when idle or old, stopped cleanly with the server.
 
 MCP's 2026-07-28 protocol has no session of its own, so a session is named by a handle the
-server mints (`s-...`) and the client passes back. A connection that does have a stable
-identity (a stdio server serves one client; a handshake-era HTTP client sends
-`Mcp-Session-Id`) is mapped to its own session without a handle.
+server mints (`s-...`) and the client passes back. A handle only works for the principal that
+opened the session (the token's subject; every client is `anonymous` when authentication is
+off): to anyone else it is an unknown session. A connection that does have a stable identity
+(a stdio server serves one client; a handshake-era HTTP client sends `Mcp-Session-Id`) is
+mapped to its own session without a handle.
+
+No lock-out: when a principal is at `[server] max_sessions_per_principal`, or the server at
+`limits.max_sessions`, the least recently used idle session (the principal's own, or any) is
+closed, audited, before a new one is refused. A session opened and never called again is
+closed after `[server] unused_session_idle_s` (unless its connection names it: stdio,
+`Mcp-Session-Id`).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -19,6 +28,9 @@ import anyio
 from ubertool.runtime.journal import Journal
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.runs import Run, open_run
+
+ANONYMOUS = "anonymous"  # the one principal when authentication is off
+STOPPING = "the server is stopping"
 
 
 class SessionError(Exception):
@@ -28,25 +40,43 @@ class SessionError(Exception):
 @dataclass
 class _Live:
     handle: str
+    principal: str
     run: Run
     stack: AsyncExitStack
     opened: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    keyed: bool = False  # bound to a connection (stdio, Mcp-Session-Id), which names it in every call
+    calls: int = 0  # calls that asked for this session, the one that opened it included
+    active: int = 0  # calls holding it now (from `use` until their reply)
+
+    def idle(self) -> bool:
+        return self.active == 0 and not self.run.session.busy
 
 
 class SessionManager:
-    """Opens, finds and closes sessions; an async context manager that closes all on exit."""
+    """Opens, finds and closes sessions; `running()` serves and closes all on exit.
 
-    def __init__(self, policy: Policy, *, journal: Journal | None = None, reap_every_s: float = 5.0) -> None:
+    `on_event(kind, **fields)` receives server-level events (a refused foreign handle); each
+    run's own events go to its audit log.
+    """
+
+    def __init__(self, policy: Policy, *, journal: Journal | None = None, reap_every_s: float = 5.0,
+                 on_event: Callable[..., None] | None = None) -> None:
         self.policy = policy
         self.journal = journal
         self._live: dict[str, _Live] = {}
-        self._by_key: dict[str, str] = {}
+        self._by_key: dict[tuple[str, str], str] = {}
         self._lock = anyio.Lock()
         self._reap_every_s = reap_every_s
+        self._on_event = on_event or (lambda kind, **fields: None)
+        self._calls: set[anyio.CancelScope] = set()
+        self._drained: anyio.Event | None = None  # set by the last call to end while stopping
+        self.stopping = False
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SessionManager]:
-        """Serve: reap idle and old sessions in the background; close every session at the end."""
+        """Serve: reap idle and old sessions in the background; on exit stop the calls in
+        flight (see `stop`) and close every session, each run ended in the journal."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._reaper)
             try:
@@ -54,20 +84,67 @@ class SessionManager:
             finally:
                 tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
+                    await self.stop()
                     for handle in list(self._live):
                         await self.close(handle, reason="server stopping")
 
-    async def get(self, handle: str | None, key: str | None) -> tuple[str, Run]:
+    async def stop(self) -> None:
+        """Refuse new calls and stop the cells in flight; returns when every call has been
+        answered (each cell stopped reports `cancelled`, "the server is stopping")."""
+        self.stopping = True
+        if self._calls:
+            self._drained = anyio.Event()
+            for scope in list(self._calls):
+                scope.cancel()
+            await self._drained.wait()
+
+    @contextmanager
+    def stoppable(self) -> Iterator[anyio.CancelScope]:
+        """The scope of one call, cancelled by `stop` (at once when already stopping); the
+        caller answers "the server is stopping" when its `cancelled_caught` is set."""
+        with anyio.CancelScope() as scope:
+            self._calls.add(scope)
+            if self.stopping:
+                scope.cancel()
+            try:
+                yield scope
+            finally:
+                self._calls.discard(scope)
+                if not self._calls and self._drained is not None:
+                    self._drained.set()
+
+    @asynccontextmanager
+    async def use(self, handle: str | None, key: str | None,
+                  principal: str = ANONYMOUS) -> AsyncIterator[tuple[str, Run]]:
         """The session named by `handle`, else the one bound to the connection `key`, else a
-        new one (bound to `key` when given).
+        new one (bound to `key` when given), held for one call: it is not evicted meanwhile.
 
         Raises:
-            SessionError: the handle is unknown (expired or never made), or the policy's
-                `max_sessions` are open.
+            SessionError: the handle is unknown to `principal` (expired, closed, never made, or
+                another principal's), no session is free to evict for a new one, or the
+                server is stopping.
         """
+        live = await self._get(handle, key, principal)
+        live.active += 1
+        live.calls += 1
+        live.last_used = time.monotonic()
+        try:
+            yield live.handle, live.run
+        finally:
+            live.active -= 1
+            live.last_used = time.monotonic()
+
+    async def _get(self, handle: str | None, key: str | None, principal: str) -> _Live:
+        if self.stopping:
+            raise SessionError(f"{STOPPING}; call again when it is back.")
         async with self._lock:
             if handle is not None:
                 live = self._live.get(handle)
+                if live is not None and live.principal != principal:
+                    # Answered exactly as an unknown handle: a guessed or stolen one tells nothing.
+                    self._on_event("session_refused", principal=principal, owner_run=live.run.id,
+                                   reason="another principal's session")
+                    live = None
                 if live is None:
                     raise SessionError(
                         f"no open session {handle!r}: it expired (idle over "
@@ -75,28 +152,47 @@ class SessionManager:
                         f"{self.policy.limits.session_lifetime_s:g} s), was closed, the server "
                         "restarted, or it never existed. Call again without `session` to start a new "
                         "one (its finished cells are in the journal: `ubertool sessions dump`).")
-                return handle, live.run
-            if key is not None and key in self._by_key:
-                bound = self._by_key[key]
-                return bound, self._live[bound].run
-            return await self._open(key)
+                return live
+            bound = self._by_key.get((principal, key)) if key is not None else None
+            if bound is not None and bound in self._live:
+                return self._live[bound]
+            await self._make_room(principal)
+            return await self._open(key, principal)
 
-    async def _open(self, key: str | None) -> tuple[str, Run]:
-        limit = self.policy.limits.max_sessions
-        if len(self._live) >= limit:
-            raise SessionError(
-                f"{limit} sessions are open, the policy's limits.max_sessions; pass the `session` "
-                "of one you have, or wait for idle ones to close "
-                f"(after {self.policy.limits.session_idle_s:g} s).")
+    async def _make_room(self, principal: str) -> None:
+        """Close the least recently used idle session if the principal or the server is full.
+
+        Raises:
+            SessionError: full, and every candidate session is running a call.
+        """
+        cap = self.policy.server.max_sessions_per_principal
+        own = [live for live in self._live.values() if live.principal == principal]
+        if len(own) >= cap:
+            scope, candidates = "yours", own
+            why = f"{len(own)} sessions of yours are open, the policy's server.max_sessions_per_principal"
+        elif len(self._live) >= self.policy.limits.max_sessions:
+            scope, candidates = "the server's", list(self._live.values())
+            why = f"{len(self._live)} sessions are open, the policy's limits.max_sessions"
+        else:
+            return
+        idle = [live for live in candidates if live.idle()]
+        if not idle:
+            raise SessionError(f"{why}, and all of {scope} are running a cell; pass the `session` of "
+                               "one you have, or call again when a cell has finished.")
+        victim = min(idle, key=lambda live: live.last_used)
+        await self.close(victim.handle, reason=f"evicted: the least recently used idle session ({why})")
+
+    async def _open(self, key: str | None, principal: str) -> _Live:
         handle = "s-" + secrets.token_urlsafe(12)
         stack = AsyncExitStack()
-        run = await stack.enter_async_context(open_run(self.policy, journal=self.journal, kind="mcp"))
+        run = await stack.enter_async_context(open_run(self.policy, journal=self.journal, kind="mcp",
+                                                       principal=principal))
         run.name_session(handle)
-        run.audit.event("session_open", session=handle)
-        self._live[handle] = _Live(handle, run, stack)
+        run.audit.event("session_open", session=handle, principal=principal)
+        live = self._live[handle] = _Live(handle, principal, run, stack, keyed=key is not None)
         if key is not None:
-            self._by_key[key] = handle
-        return handle, run
+            self._by_key[(principal, key)] = handle
+        return live
 
     async def close(self, handle: str, *, reason: str) -> None:
         """Close one session and free its interpreter; unknown handles are ignored."""
@@ -107,17 +203,23 @@ class SessionManager:
             await live.stack.aclose()
 
     def _expired(self, live: _Live, now: float) -> str:
-        limits = self.policy.limits
+        limits, server = self.policy.limits, self.policy.server
         if now - live.opened > limits.session_lifetime_s:
             return f"older than session_lifetime_s ({limits.session_lifetime_s:g} s)"
-        session = live.run.session
-        if not session.busy and now - session.last_active > limits.session_idle_s:
+        if not live.idle():
+            return ""
+        unused = server.unused_session_idle_s
+        if not live.keyed and live.calls <= 1 and now - live.last_used > unused:
+            return f"never called again within server.unused_session_idle_s ({unused:g} s)"
+        if now - max(live.last_used, live.run.session.last_active) > limits.session_idle_s:
             return f"idle over session_idle_s ({limits.session_idle_s:g} s)"
         return ""
 
     async def _reaper(self) -> None:
+        every = min(self._reap_every_s, self.policy.limits.session_idle_s / 2,
+                    self.policy.server.unused_session_idle_s / 2)
         while True:
-            await anyio.sleep(min(self._reap_every_s, self.policy.limits.session_idle_s / 2))
+            await anyio.sleep(every)
             now = time.monotonic()
             for handle, live in list(self._live.items()):
                 if reason := self._expired(live, now):
