@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 # Installs, then compiles the sandbox once (about a minute on a new machine, with progress).
 setup: $(STAMP)
 	$(BIN)/ubertool warm
+	@echo "ubertool is installed in $(VENV)/bin: run '. $(VENV)/bin/activate' to put it on PATH, or call $(BIN)/ubertool."
 
 # The main job: the MCP server on the embedded default policy, streamable HTTP on loopback.
 serve: setup

@@ -16,6 +16,8 @@ if __name__ == "__main__":  # run directly: ubertool replays this file in the sa
     import sys
 
     _ubertool = shutil.which("ubertool") or 'ubertool'
+    if not (os.path.isfile(_ubertool) and os.access(_ubertool, os.X_OK)):
+        sys.exit("ubertool is not on PATH: activate the virtualenv it is installed in (. .venv/bin/activate), or run: PATH/TO/ubertool replay " + __file__)
     os.execv(_ubertool, [_ubertool, "replay", __file__, *sys.argv[1:]])
 raise ImportError("an ubertool playbook: its cells run only in the sandbox, through `ubertool replay FILE`")
 

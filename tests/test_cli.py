@@ -25,7 +25,15 @@ def test_version() -> None:
 
 def test_run_code_prints_as_the_guest_printed() -> None:
     done = ubertool("run", "-c", "import sys\nprint('hello')\nprint('warn', file=sys.stderr)\n42")
-    assert (done.returncode, done.stdout, done.stderr) == (0, "hello\n", "warn\n")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "hello\n42\n", "warn\n")  # -c shows the value
+
+
+def test_policy_check_takes_the_file_either_way(tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text("[limits]\ntimeout_s = 5\n")
+    assert ubertool("policy", "check", str(policy)).stdout == f"{policy}: ok\n"
+    assert ubertool("policy", "check", "--policy", str(policy)).stdout == f"{policy}: ok\n"
+    assert ubertool("policy", "check").returncode == 2
 
 
 def test_run_a_failing_file_exits_1_with_its_traceback(tmp_path: Path) -> None:

@@ -202,6 +202,9 @@ def guard(ubertool: str) -> str:
         "    import shutil\n"
         "    import sys\n\n"
         f'    _ubertool = shutil.which("ubertool") or {ubertool!r}\n'
+        "    if not (os.path.isfile(_ubertool) and os.access(_ubertool, os.X_OK)):\n"
+        '        sys.exit("ubertool is not on PATH: activate the virtualenv it is installed in '
+        '(. .venv/bin/activate), or run: PATH/TO/ubertool replay " + __file__)\n'
         '    os.execv(_ubertool, [_ubertool, "replay", __file__, *sys.argv[1:]])\n'
         'raise ImportError("an ubertool playbook: its cells run only in the sandbox, through '
         '`ubertool replay FILE`")\n'

@@ -93,7 +93,8 @@ def run(policy_path: str | None, workspace: Path | None, code: str | None,
         timeout_s: float | None, file: Any) -> None:
     """Run CODE or FILE (- for standard input) in a fresh sandbox session.
 
-    Prints what the code printed; exits 0 when it ran to its end, 1 when it failed.
+    Prints what the code printed (with -c, and the value of a last expression, as the shell
+    does). Exit codes: 0 it ran to its end, 1 it failed, 2 a usage or policy error.
     """
     if (code is None) == (file is None):
         raise click.UsageError("give exactly one of -c CODE or FILE")
@@ -103,8 +104,8 @@ def run(policy_path: str | None, workspace: Path | None, code: str | None,
     async def go() -> bool:
         with Journal.default(policy.journal) as journal:
             async with open_run(policy, workspace=workspace, journal=journal) as r:
-                result = await r.cell(source, timeout_s=timeout_s, echo=False)
-        render(result, sys.stdout, sys.stderr, show_value=False)
+                result = await r.cell(source, timeout_s=timeout_s, echo=code is not None)
+        render(result, sys.stdout, sys.stderr, show_value=code is not None)
         return result.failed
 
     sys.exit(1 if _sandboxed(anyio.run, go) else 0)
@@ -341,9 +342,15 @@ def policy() -> None:
 
 
 @policy.command()
-@click.argument("file", type=click.Path(dir_okay=False))
-def check(file: str) -> None:
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="The policy file (or give it "
+              "as FILE).")
+def check(file: str | None, policy_path: str | None) -> None:
     """Validate FILE; print each problem with its key path (exit 2), and warnings (exit 0)."""
+    if (file is None) == (policy_path is None):
+        raise click.UsageError("give the policy file once: `ubertool policy check FILE` or --policy FILE")
+    file = file or policy_path
+    assert file is not None
     try:
         checked = load_policy(file)
     except PolicyError as exc:
