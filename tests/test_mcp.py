@@ -209,3 +209,32 @@ async def test_official_sdk_legacy_http_keeps_state_by_mcp_session_id(
         await sdk.call_tool("python", {"code": "n = 1"})
         result = await sdk.call_tool("python", {"code": "n + 1"})
         assert result.structured_content is not None and result.structured_content["value"] == "2"
+
+
+async def test_the_description_and_about_name_everything_the_policy_gives(tmp_path: Path) -> None:
+    """An agent is told of every folder and host tool the policy grants, and nothing else."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "out").mkdir()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        "[[grants]]\nhost = 'data'\nguest = '/data'\n"
+        "[[mounts]]\nkind = 'dir'\nname = 'out'\nhost = 'out'\nguest = '/out'\nwritable = true\n"
+        "[[mounts]]\nkind = 'http'\nname = 'sales'\nguest = '/remote/sales'\n"
+        "base_url = 'https://api.example.com/v1'\nlisting = { index = 'index.json' }\n"
+        "[tools.programs.sqlite]\nargv = ['sqlite3', '-safe']\n"
+        "[tools.browser]\norigins = ['http://127.0.0.1:8080']\n"
+        "[tools.mcp.tracker]\ncommand = ['python', 'tracker.py']\nallow = ['search_*']\n")
+    async with Client(stdio("--policy", str(policy)), timeout=120) as client:
+        (tool,) = await client.list_tools()
+        about = await client.call_tool("python", {"code": "import ubertool\nubertool.about()"})
+    for said in (tool.description or "", text(about)):
+        assert "- /data: read-only host folder" in said
+        assert "- /out: host folder 'out', writable" in said
+        assert ("- /remote/sales: remote resource 'sales' (files are fetched from https://api.example.com; "
+                "read-only; folders are listed from their index.json)") in said
+        assert "- ubertool.programs: sqlite" in said
+        assert "- ubertool.browser: a browser for http://127.0.0.1:8080" in said
+        assert "- ubertool.mcp: tools of tracker" in said
+    async with Client(stdio(), timeout=120) as client:
+        (tool,) = await client.list_tools()
+    assert "Host tools" not in (tool.description or "") and "/remote" not in (tool.description or "")

@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
-from ubertool.runtime.policy import Policy
+from urllib.parse import urlsplit
+
+from ubertool.runtime.policy import DirMount, Policy
+from ubertool.tools.mounts.http import HttpMountSpec
 
 PACKAGES = "numpy, pandas, scipy, scikit-learn, statsmodels, matplotlib, lxml"
 
 
 def folders(policy: Policy) -> str:
+    """One line per folder the guest has: the workspace, grants and every mount, with what it is."""
     lines = [f"- {policy.workspace.guest_path}: writable, this session's own files"]
-    lines += [f"- {grant.guest}: read-only" for grant in policy.grants]
+    lines += [f"- {grant.guest}: read-only host folder" for grant in policy.grants]
+    for mount in policy.mounts:
+        if isinstance(mount, DirMount):
+            lines.append(f"- {mount.guest}: host folder '{mount.name}', "
+                         f"{'writable' if mount.writable else 'read-only'}")
+        else:
+            lines.append(f"- {mount.guest}: {_http_mount(mount)}")
+    return "\n".join(lines)
+
+
+def _http_mount(mount: HttpMountSpec) -> str:
+    origin = urlsplit(mount.base_url)
+    words = f"remote resource '{mount.name}' (files are fetched from {origin.scheme}://{origin.netloc}"
+    words += "; writing a file sends it" if mount.writable else "; read-only"
+    listing = mount.listing
+    if listing is None:
+        return words + "; not listable: open files by name)"
+    if listing.paths is not None:
+        return words + f"; lists {len(listing.paths)} known paths)"
+    return words + f"; folders are listed from their {listing.index})"
+
+
+def tools(policy: Policy) -> str:
+    """The host tools the guest may call, or ''."""
+    granted = policy.tools
+    lines = []
+    if granted.programs:
+        names = ", ".join(sorted(granted.programs))
+        lines.append(f"- ubertool.programs: {names} (interactive, like pexpect)")
+    if granted.browser is not None:
+        lines.append(f"- ubertool.browser: a browser for {', '.join(granted.browser.origins)}")
+    if granted.mcp:
+        servers = ", ".join(sorted(granted.mcp))
+        lines.append(f"- ubertool.mcp: tools of {servers} (ubertool.mcp.tools(NAME) lists them)")
     return "\n".join(lines)
 
 
@@ -21,9 +58,11 @@ def limits(policy: Policy) -> str:
 
 def about_text(policy: Policy) -> str:
     """What `ubertool.about()` prints inside the sandbox."""
+    host_tools = tools(policy)
     return (f"Python 3.15 in a WebAssembly sandbox (CPython on wasmtime).\nFolders:\n{folders(policy)}\n"
             "- /tmp: scratch, lost when the session is restored\n"
-            f"Limits: {limits(policy)}.\nNo network, no subprocesses, no threads. "
+            + (f"Host tools:\n{host_tools}\n" if host_tools else "")
+            + f"Limits: {limits(policy)}.\nNo network, no subprocesses, no threads. "
             f"Installed: {PACKAGES}; there is no pip.\n"
             "A cell stopped by its time limit is lost, but the state from earlier cells is "
             "restored by running them again (random numbers and the clock may differ).")
@@ -37,8 +76,9 @@ def tool_description(policy: Policy) -> str:
         "expression is shown (like a notebook cell); print() anything else. Matplotlib figures "
         "left open are returned as images.\n"
         f"Folders:\n{folders(policy)}\n"
-        "There is no network and no subprocess: nothing outside is reachable except through "
-        f"these folders. Installed: {PACKAGES} (no pip).\n"
+        + (f"Host tools (import ubertool):\n{tools(policy)}\n" if tools(policy) else "")
+        + "There is no network and no subprocess: nothing outside is reachable except through "
+        f"these folders{' and host tools' if tools(policy) else ''}. Installed: {PACKAGES} (no pip).\n"
         f"Limits: {limits(policy)}. A call past its time limit is stopped and the earlier "
         "state is restored.\n"
         "Each result names its session; pass it back as `session` to keep working in it "
