@@ -139,3 +139,21 @@ def test_a_grant_may_not_show_ubertool_state(tmp_path: Path) -> None:
     path = write(tmp_path, f"[[grants]]\nhost = '{home.parent}'\nguest = '/up'\n")
     assert problems(path) == [f"{path}: grants.0.host: '{home.parent.resolve()}' would show the "
                               f"guest '{home.resolve()}', which holds ubertool's own state"]
+
+
+def test_problems_across_sections_are_listed_with_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    path = write(tmp_path, "[limits]\nspeed = 3\n"
+                           "[[grants]]\nhost = 'missing'\nguest = '/data'\n"
+                           "[[mounts]]\nkind = 'http'\nname = 'api'\nguest = '/data/api'\n"
+                           "base_url = 'https://example.com'\ncredential = 'nope'\n")
+    assert problems(path) == [
+        f"{path}: limits.speed: unknown key (a typo, or a section this version does not have)",
+        f"{path}: mounts.0.guest: '/data/api' overlaps the grant at '/data'",
+        f"{path}: mounts.0.credential: no [credentials.nope] in the policy",
+    ]
+    fixed = write(tmp_path, "[[grants]]\nhost = 'missing'\nguest = '/data'\n"
+                            "[[mounts]]\nkind = 'http'\nname = 'api'\nguest = '/api'\n"
+                            "base_url = 'https://example.com'\ncredential = 'nope'\n")
+    assert problems(fixed) == [f"{fixed}: mounts.0.credential: no [credentials.nope] in the policy",
+                               f"{fixed}: grants.0.host: '{tmp_path / 'missing'}' is not an existing folder"]

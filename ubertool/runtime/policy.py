@@ -209,50 +209,69 @@ class Policy(_Section):
     sha256: str = Field("", exclude=True)  # of the file's text, so a playbook knows its policy
     path: Path | None = Field(None, exclude=True)  # the file, resolved; None for the embedded one
 
-    @model_validator(mode="after")
-    def _places_fit(self) -> Policy:
-        for reserved in _RESERVED_GUEST:
-            if _overlaps(self.workspace.guest_path, reserved):
-                raise ValueError(f"workspace.guest_path: {self.workspace.guest_path!r} overlaps "
-                                 f"{reserved!r}, which the sandbox uses itself")
-        places = [(f"grants.{i}", "grant", g.guest) for i, g in enumerate(self.grants)]
-        places += [(f"mounts.{i}", "mount", m.guest) for i, m in enumerate(self.mounts)]
-        seen: list[tuple[str, str]] = []
-        for key, label, guest in places:
-            where = f"{key}.guest"
-            try:
-                _guest_path(guest)
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
-            for reserved in (*_RESERVED_GUEST, self.workspace.guest_path):
-                if _overlaps(guest, reserved):
-                    raise ValueError(f"{where}: {guest!r} overlaps {reserved!r}, "
-                                     "which the sandbox uses itself")
-            for other_label, other in seen:
-                if _overlaps(guest, other):
-                    raise ValueError(f"{where}: {guest!r} overlaps the {other_label} at {other!r}")
-            seen.append((label, guest))
-        return self
 
-    @model_validator(mode="after")
-    def _names_resolve(self) -> Policy:
-        names: set[str] = set()
-        for index, mount in enumerate(self.mounts):
-            if mount.name in names:
-                raise ValueError(f"mounts.{index}.name: {mount.name!r} is used by another mount")
-            names.add(mount.name)
-            credential = getattr(mount, "credential", None)
-            if credential is not None and credential not in self.credentials:
-                raise ValueError(f"mounts.{index}.credential: no [credentials.{credential}] in the policy")
-        browser = self.tools.browser
-        for origin, credential in (browser.credentials.items() if browser else ()):
-            if credential not in self.credentials:
-                raise ValueError(f"tools.browser.credentials: {origin} names no [credentials.{credential}]")
-        for name, server in self.tools.mcp.items():
-            if server.credential is not None and server.credential not in self.credentials:
-                raise ValueError(f"tools.mcp.{name}.credential: no [credentials.{server.credential}] "
-                                 "in the policy")
-        return self
+def _table(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _tables(value: Any) -> list[dict[str, Any]]:
+    return [_table(item) for item in value] if isinstance(value, list) else []
+
+
+def _cross_problems(data: dict[str, Any]) -> list[str]:
+    """Problems between sections (places that overlap, names that do not resolve), as
+    `key: message` lines. Read from the raw document, leniently, so that they are reported
+    beside any problem within a section, in one run."""
+    return _place_problems(data) + _reference_problems(data)
+
+
+def _place_problems(data: dict[str, Any]) -> list[str]:
+    workspace = _table(data.get("workspace")).get("guest_path", "/workspace")
+    problems = []
+    if isinstance(workspace, str):
+        problems += [f"workspace.guest_path: {workspace!r} overlaps {reserved!r}, which the sandbox uses "
+                     "itself" for reserved in _RESERVED_GUEST if _overlaps(workspace, reserved)]
+    places = [(f"grants.{i}", "grant", g.get("guest")) for i, g in enumerate(_tables(data.get("grants")))]
+    places += [(f"mounts.{i}", "mount", m.get("guest")) for i, m in enumerate(_tables(data.get("mounts")))]
+    seen: list[tuple[str, str]] = []
+    for key, label, guest in places:
+        if not isinstance(guest, str):
+            continue  # reported by the section's own check
+        try:
+            _guest_path(guest)
+        except ValueError as exc:
+            problems.append(f"{key}.guest: {exc}")
+            continue
+        reserved = [r for r in (*_RESERVED_GUEST, workspace) if isinstance(r, str)]
+        clash = next((f"{guest!r} overlaps {r!r}, which the sandbox uses itself"
+                      for r in reserved if _overlaps(guest, r)), None)
+        clash = clash or next((f"{guest!r} overlaps the {other_label} at {other!r}"
+                               for other_label, other in seen if _overlaps(guest, other)), None)
+        if clash:
+            problems.append(f"{key}.guest: {clash}")
+        seen.append((label, guest))
+    return problems
+
+
+def _reference_problems(data: dict[str, Any]) -> list[str]:
+    credentials = set(_table(data.get("credentials")))
+    problems, names = [], set()
+    for index, mount in enumerate(_tables(data.get("mounts"))):
+        name, credential = mount.get("name"), mount.get("credential")
+        if isinstance(name, str) and name in names:
+            problems.append(f"mounts.{index}.name: {name!r} is used by another mount")
+        names.add(name)
+        if isinstance(credential, str) and credential not in credentials:
+            problems.append(f"mounts.{index}.credential: no [credentials.{credential}] in the policy")
+    tools = _table(data.get("tools"))
+    for origin, credential in _table(_table(tools.get("browser")).get("credentials")).items():
+        if isinstance(credential, str) and credential not in credentials:
+            problems.append(f"tools.browser.credentials: {origin} names no [credentials.{credential}]")
+    for name, server in _table(tools.get("mcp")).items():
+        credential = _table(server).get("credential")
+        if isinstance(credential, str) and credential not in credentials:
+            problems.append(f"tools.mcp.{name}.credential: no [credentials.{credential}] in the policy")
+    return problems
 
 
 # What pydantic says, in an operator's words.
@@ -281,11 +300,12 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: 
     Raises:
         PolicyError: one line per problem, as `source: key.path: message`.
     """
+    cross = [f"{source}: {line}" for line in _cross_problems(data)]
     try:
         policy = Policy.model_validate({**data, "source": source, **facts})
     except ValidationError as exc:
         lines = [f"{source}: {loc}: {msg}" for loc, msg in map(_describe, exc.errors())]
-        raise PolicyError(list(dict.fromkeys(lines))) from None
+        raise PolicyError(list(dict.fromkeys(lines + cross))) from None
     grants = tuple(g.model_copy(update={"host": _resolve(g.host, base)}) for g in policy.grants)
     mounts = tuple(m.model_copy(update={"host": _resolve(m.host, base)}) if isinstance(m, DirMount) else m
                    for m in policy.mounts)
@@ -293,7 +313,7 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: 
                    for name, c in policy.credentials.items()}
     folders = [(f"grants.{i}", g) for i, g in enumerate(grants)]
     folders += [(f"mounts.{i}", m) for i, m in enumerate(mounts) if isinstance(m, DirMount)]
-    problems = [f"{source}: {key}.host: {p}" for key, g in folders if (p := _host_problem(g, key))]
+    problems = cross + [f"{source}: {key}.host: {p}" for key, g in folders if (p := _host_problem(g, key))]
     problems += [f"{source}: tools.programs.{name}.ro_binds: {p}"
                  for name, spec in policy.tools.programs.items() for bind in spec.ro_binds
                  if (p := _bind_problem(Path(bind)))]
