@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from ubertool.runtime.home import state_home
-from ubertool.runtime.policy import PolicyError, default_policy, load_policy
+from ubertool.runtime.policy import PolicyError, default_policy, load_policy, policy_warnings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -157,3 +159,36 @@ def test_problems_across_sections_are_listed_with_the_rest(tmp_path: Path) -> No
                             "base_url = 'https://example.com'\ncredential = 'nope'\n")
     assert problems(fixed) == [f"{fixed}: mounts.0.credential: no [credentials.nope] in the policy",
                                f"{fixed}: grants.0.host: '{tmp_path / 'missing'}' is not an existing folder"]
+
+
+def test_every_toml_block_of_the_readme_is_a_policy_that_checks(tmp_path: Path) -> None:
+    """The README cannot drift from the parser: each block (with the README's [credentials]
+    blocks when it names one) loads, with no warning about its mounts."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    credentials = "\n".join(b for b in blocks if b.lstrip().startswith("[credentials."))
+    assert len(blocks) >= 6 and credentials
+    shown = tomllib.loads(next(b for b in blocks if "[limits]" in b))  # "the embedded default ... "
+    default = default_policy()
+    assert {k: shown[k] for k in ("limits", "workspace", "journal")} == {
+        k: getattr(default, k).model_dump() for k in ("limits", "workspace", "journal")}
+    for index, block in enumerate(blocks):
+        folder = tmp_path / f"block-{index}"
+        folder.mkdir()
+        for host in re.findall(r'^host\s*=\s*"([^"]+)"', block, re.M):
+            (folder / host).mkdir(parents=True, exist_ok=True)
+        text = block if "[credentials." in block or "credential" not in block else f"{block}\n{credentials}"
+        path = folder / "policy.toml"
+        path.write_text(text)
+        policy = load_policy(path)
+        assert [w for w in policy_warnings(policy) if w.startswith("mounts")] == [], block
+
+
+def test_a_mount_method_its_credential_may_not_carry_is_warned_of(tmp_path: Path) -> None:
+    path = write(tmp_path, "[[mounts]]\nkind = 'http'\nname = 'api'\nguest = '/api'\n"
+                           "base_url = 'https://example.com'\nwritable = true\nmethods = ['GET', 'PUT']\n"
+                           "credential = 'tok'\n"
+                           "[credentials.tok]\nsource = 'env'\nenv = 'T'\nmethods = ['GET']\n")
+    assert policy_warnings(load_policy(path)) == [
+        "mounts.0: PUT requests are refused, since credential 'tok' may only be attached to GET "
+        "(credentials.tok.methods)"]

@@ -417,4 +417,12 @@ def policy_warnings(policy: Policy) -> list[str]:
     if jailed and (problem := bwrap_problem()):
         warnings.append(f"tools.programs ({', '.join(jailed)}): {problem}; until then these programs "
                         "are refused")
+    for index, mount in enumerate(policy.mounts):
+        credential = policy.credentials.get(getattr(mount, "credential", None) or "")
+        if credential is None or credential.methods is None or isinstance(mount, DirMount):
+            continue
+        if uncovered := [m for m in mount.methods if m not in credential.methods]:
+            warnings.append(f"mounts.{index}: {', '.join(uncovered)} requests are refused, since credential "
+                            f"{mount.credential!r} may only be attached to {', '.join(credential.methods)} "
+                            f"(credentials.{mount.credential}.methods)")
     return warnings
