@@ -10,7 +10,7 @@ import anyio.to_thread
 
 from ubertool.sandbox import warm
 
-_QUIET_S = 1.0  # a warm cache loads faster than this: say nothing then
+_QUIET_S = 4.0  # a warm cache loads well within this, even on a loaded machine: say nothing then
 _NOTE = "Compiling the sandbox (once per machine, about a minute; later starts are instant)"
 
 
