@@ -36,6 +36,7 @@ from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ubertool.tools import ToolFailure
@@ -218,12 +219,15 @@ class PackageCache:
             pin = Pin(**{**data, "requires": tuple(data["requires"])})
         except (OSError, ValueError, TypeError, KeyError):
             return None
+        if pin.name != canonicalize_name(name) or pin.version != version:
+            return None  # e.g. `alpha-beta-1.0.json` found looking for alpha
         return pin if (self.folder / "wheels" / f"{pin.sha256}.whl").is_file() else None
 
     # -- fetching --------------------------------------------------------------------------
     def fetch(self, name: str, specifier: SpecifierSet) -> Pin:
         """The newest pure wheel of `name` that fits `specifier`: from the cache when the
-        specifier is one exact version held there, else downloaded with pip and checked.
+        specifier is one exact version held there, else downloaded with pip and checked. When
+        offline, or when the index cannot be reached, the newest cached one that fits.
 
         Raises:
             PackageError: offline and not cached, no pure wheel in the index, or a wheel that
@@ -233,12 +237,28 @@ class PackageCache:
         if exact is not None and (pin := self.pinned(name, exact)) is not None:
             return pin
         wanted = f"{name}{specifier}"
+        fallback = self._newest_cached(name, specifier)
         if self.offline:
+            if fallback is not None:
+                return fallback
             raise PackageError(f"{wanted}: not in the package cache, and this run is offline; run "
                                "`ubertool packages sync` (or replay without --offline) to fetch it")
         with tempfile.TemporaryDirectory(dir=self.folder, prefix=".download-") as tmp:
-            wheel = self._download(wanted, Path(tmp))
+            try:
+                wheel = self._download(wanted, Path(tmp))
+            except PackageError:
+                if fallback is None:
+                    raise
+                self._on_event("package_fetch_failed", requirement=wanted, used=fallback.exact)
+                return fallback
             return self._keep(wheel, name)
+
+    def _newest_cached(self, name: str, specifier: SpecifierSet) -> Pin | None:
+        name = canonicalize_name(name)
+        held = [pin for path in (self.folder / "pins").glob(f"{name}-*.json")
+                if (pin := self.pinned(name, path.stem.removeprefix(f"{name}-"))) is not None
+                and specifier.contains(pin.version)]
+        return max(held, key=lambda pin: Version(pin.version), default=None)
 
     def _download(self, wanted: str, dest: Path) -> Path:
         args = [sys.executable, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input",
