@@ -301,7 +301,7 @@ def sessions_dump(ref: str, output: Path, name: str | None, description: str,
     """Write the session REF (a run id, a prefix of one, or a session handle) as a playbook."""
     from ubertool.playbooks.dump import dump, write_playbook
     from ubertool.playbooks.format import PlaybookError, parse_assignments
-    from ubertool.runtime.runs import RunRecord, source_facts
+    from ubertool.runtime.runs import RunRecord, cached_packages, source_facts
 
     try:
         defaults = parse_assignments(params)
@@ -315,7 +315,8 @@ def sessions_dump(ref: str, output: Path, name: str | None, description: str,
             sys.exit(2)
         cells = journal.cells(found.id)
     policy = _policy(None if found.policy_source == DEFAULT_POLICY_NAME else found.policy_source)
-    source = source_facts(RunRecord(found.id, found.kind, policy, cells, found.session))
+    source = source_facts(RunRecord(found.id, found.kind, policy, cells, found.session,
+                                    packages=cached_packages(policy)))
     if policy.path is not None:  # relative to the playbook, so the two can move together
         source["policy"] = os.path.relpath(policy.path, output.resolve().parent)
     try:

@@ -156,6 +156,15 @@ def source_facts(record: RunRecord) -> dict[str, Any]:
             "ubertool": shutil.which("ubertool") or str(Path(sys.executable).with_name("ubertool"))}
 
 
+def cached_packages(policy: Policy) -> list[str]:
+    """`name==version` a session of `policy` starts with, from the package cache alone ([] when
+    it has not been resolved yet): for a playbook dumped after its run ended."""
+    broker = PackageBroker(policy.packages, cache_home(), offline=True)
+    if not broker.wanted:
+        return []
+    return [pin.exact for pin in broker.cache.cached(broker.preloaded()) or ()]
+
+
 def playbook_tool(record: RunRecord, recorder: Recorder) -> Callable[..., dict[str, Any]]:
     """The host side of the guest's `ubertool.save_playbook`."""
     def save_playbook(name: str, description: str = "",

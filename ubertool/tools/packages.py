@@ -153,8 +153,8 @@ def builtin_packages() -> dict[str, tuple[str, str]]:
 
 
 def cache_folder_of(home: Path) -> Path:
-    """The package cache inside ubertool's cache folder `home` (made owner-only)."""
-    return private_folder(home / "packages")
+    """The package cache inside ubertool's cache folder `home` (both made owner-only)."""
+    return private_folder(private_folder(home) / "packages")
 
 
 class PackageCache:
@@ -443,10 +443,8 @@ def unpack_wheel(wheel: Path, target: Path) -> None:
             members = zipped.infolist()
             if len(members) > MAX_MEMBERS:
                 raise PackageError(f"{wheel.name}: more than {MAX_MEMBERS} files")
-            for info in members:
-                parts = _member_path(info.filename)
-                if parts is None:
-                    continue
+            planned = [(info, parts) for info in members if (parts := _member_path(info.filename))]
+            for info, parts in planned:  # every name checked before the first is written
                 folder = target
                 for part in parts[:-1]:
                     folder = private_folder(folder / part)
@@ -508,6 +506,15 @@ class PackageSite:
                     shutil.copyfile(src, dst, follow_symlinks=False)
                     os.chmod(dst, 0o400)
 
+    def rewind(self, keep: Iterable[str]) -> None:
+        """Take every package but those named in `keep` out of the folder (for a restore, which
+        installs them again as it replays the cells that did)."""
+        kept = [pin for name, pin in self.installed.items() if name in set(keep)]
+        for entry in list(self.folder.iterdir()):
+            remove_tree(entry)
+        self.installed = {}
+        self.add(kept)
+
     def close(self) -> None:
         remove_tree(self.folder)
 
@@ -541,10 +548,11 @@ class PackageBroker:
         if self.wanted:
             self.site = PackageSite(self.cache)
             try:
-                self.site.add(self.cache.resolve(self.preloaded(), self.pins))
+                started = [p.name for p in self.site.add(self.cache.resolve(self.preloaded(), self.pins))]
             except BaseException:
                 self.site.close()
                 raise
+            self.recorder.on_rewind(functools.partial(self.site.rewind, started))
         return self
 
     def __exit__(self, *exc: object) -> None:
