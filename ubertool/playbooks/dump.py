@@ -82,7 +82,7 @@ def dump(cells: Sequence[JournalCell], *, name: str, description: str, params: d
     """The playbook text and its recording, from a run's journaled cells.
 
     `source` carries the header facts: run, session, policy (path or None) and its sha256,
-    mounts and credentials (names only), and the ubertool executable.
+    mounts and credentials (names only), packages (`name==version`), and the ubertool executable.
 
     Every text the guest supplied (description, parameter names and values) is written so that
     it cannot run outside the sandbox (see `format`).
@@ -131,6 +131,7 @@ def _docs(source: dict[str, Any], params: dict[str, Any]) -> list[str]:
              f"Policy: {policy} (sha256:{source.get('policy_sha256', '')[:16]})",
              f"Mounts: {', '.join(source.get('mounts', [])) or 'none'}",
              f"Credentials: {', '.join(source.get('credentials', [])) or 'none'}",
+             f"Packages: {', '.join(source.get('packages', [])) or 'none'}",
              f"Parameters: {', '.join(f'{k} (default {v!r})' for k, v in params.items()) or 'none'}"]
     return lines
 

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from packaging.utils import canonicalize_name
+
 from ubertool.playbooks.format import Playbook, PlaybookError, Section, parameters_code, parse_assignments
 from ubertool.runtime.journal import Journal, decode_exchanges
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.render import render
 from ubertool.runtime.runs import open_run
 from ubertool.sandbox import CellError, CellResult
+from ubertool.tools.packages import PackageError, parse_requirement
 from ubertool.tools.recorder import Exchange
 
 DONE, CELL_FAILED, USAGE, CHECK_FAILED = 0, 1, 2, 3
@@ -60,11 +63,40 @@ def preflight(playbook: Playbook, policy: Policy, *, offline: bool) -> list[str]
                                            "set it, or replay with --offline")
             if spec.file is not None and not spec.file.is_file():
                 raise ReplayUsageError(f"credential {name!r} needs the file {spec.file}")
+    pins = package_pins(playbook)
+    allowed = policy.packages.allowed()
+    if pins and not any(name in allowed for name in pins):
+        needed = ", ".join(f"{name}=={version}" for name, version in pins.items())
+        raise ReplayUsageError(f"the playbook needs packages ({needed}) that the policy {policy.source} "
+                               "does not allow in [packages] allow")
     recorded = playbook.header.get("policy_sha256")
     if recorded and recorded != policy.sha256:
         return [f"note: the policy {policy.source} is not the one the playbook was made under "
                 f"(sha256 {policy.sha256[:12]} vs {str(recorded)[:12]}); replaying under it anyway"]
     return []
+
+
+def package_pins(playbook: Playbook) -> dict[str, str]:
+    """The exact package versions the playbook's header lists (`"packages": ["name==1.0"]`), as
+    name -> version. They only fix versions: what is installed is still what the policy allows.
+
+    Raises:
+        ReplayUsageError: an entry that is not `name==version`.
+    """
+    listed = playbook.header.get("packages", [])
+    pins: dict[str, str] = {}
+    for entry in listed if isinstance(listed, list) else [listed]:
+        try:
+            requirement = parse_requirement(entry, "packages") if isinstance(entry, str) else None
+        except PackageError:
+            requirement = None
+        specs = list(requirement.specifier) if requirement is not None else []
+        if requirement is None or requirement.extras or len(specs) != 1 or specs[0].operator != "==" \
+                or "*" in specs[0].version:
+            raise ReplayUsageError(f"the playbook's header lists package {entry!r:.80}, which is not "
+                                   "NAME==VERSION; dump the session again")
+        pins[canonicalize_name(requirement.name)] = specs[0].version
+    return pins
 
 
 def load_recording(playbook: Playbook) -> dict[int, dict[str, Any]]:
@@ -132,7 +164,8 @@ async def replay(playbook: Playbook, policy: Policy, overrides: dict[str, Any], 
     outcome = Outcome()
     names = _Names()
     tty = err.isatty() and not as_json
-    async with open_run(policy, kind="replay", journal=journal, replay=exchanges, workspace=workspace) as run:
+    async with open_run(policy, kind="replay", journal=journal, replay=exchanges, workspace=workspace,
+                        pins=package_pins(playbook), offline=offline) as run:
         if params:
             result = names.add(await run.cell(parameters_code(params), echo=False), "parameters")
             if result.failed:

@@ -50,21 +50,38 @@ def tools(policy: Policy) -> str:
     return "\n".join(lines)
 
 
+def packages(policy: Policy, installed: list[str] | None = None) -> str:
+    """What the guest can import besides the built-in packages, and what it may install: one
+    sentence, or ''. `installed` (`name==version`, from the run) replaces the policy's words."""
+    spec = policy.packages
+    words = []
+    if installed:
+        words.append(f"Also importable (policy packages): {', '.join(installed)}.")
+    elif spec.allow and spec.preload:
+        words.append(f"Also importable (policy packages): {', '.join(spec.allow)}.")
+    if spec.allow and spec.guest_install:
+        words.append(f"ubertool.install(NAME) adds one of: {', '.join(spec.allow)} "
+                     "(pure Python; nothing else).")
+    return " ".join(words)
+
+
 def limits(policy: Policy) -> str:
     lim = policy.limits
     return (f"{lim.timeout_s:g} s per call unless you pass timeout_s (at most {lim.max_timeout_s:g}); "
             f"{lim.memory_mib} MiB of memory for the session")
 
 
-def about_text(policy: Policy) -> str:
-    """What `ubertool.about()` prints inside the sandbox."""
+def about_text(policy: Policy, installed: list[str] | None = None) -> str:
+    """What `ubertool.about()` prints inside the sandbox; `installed` are the run's packages."""
     host_tools = tools(policy)
+    extra = packages(policy, installed)
     return (f"Python 3.15 in a WebAssembly sandbox (CPython on wasmtime).\nFolders:\n{folders(policy)}\n"
             "- /tmp: scratch, lost when the session is restored\n"
             + (f"Host tools:\n{host_tools}\n" if host_tools else "")
             + f"Limits: {limits(policy)}.\nNo network, no subprocesses, no threads. "
             f"Installed: {PACKAGES}; there is no pip.\n"
-            "A cell stopped by its time limit is lost, but the state from earlier cells is "
+            + (f"{extra}\n" if extra else "")
+            + "A cell stopped by its time limit is lost, but the state from earlier cells is "
             "restored by running them again (random numbers and the clock may differ).")
 
 
@@ -79,7 +96,8 @@ def tool_description(policy: Policy) -> str:
         + (f"Host tools (import ubertool):\n{tools(policy)}\n" if tools(policy) else "")
         + "There is no network and no subprocess: nothing outside is reachable except through "
         f"these folders{' and host tools' if tools(policy) else ''}. Installed: {PACKAGES} (no pip).\n"
-        f"Limits: {limits(policy)}. A call past its time limit is stopped and the earlier "
+        + (f"{packages(policy)}\n" if packages(policy) else "")
+        + f"Limits: {limits(policy)}. A call past its time limit is stopped and the earlier "
         "state is restored.\n"
         "Each result names its session; pass it back as `session` to keep working in it "
         "(over stdio the one session is kept for you). Inside, `import ubertool; "

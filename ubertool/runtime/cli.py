@@ -301,7 +301,7 @@ def sessions_dump(ref: str, output: Path, name: str | None, description: str,
     """Write the session REF (a run id, a prefix of one, or a session handle) as a playbook."""
     from ubertool.playbooks.dump import dump, write_playbook
     from ubertool.playbooks.format import PlaybookError, parse_assignments
-    from ubertool.runtime.runs import RunRecord, source_facts
+    from ubertool.runtime.runs import RunRecord, cached_packages, source_facts
 
     try:
         defaults = parse_assignments(params)
@@ -315,7 +315,8 @@ def sessions_dump(ref: str, output: Path, name: str | None, description: str,
             sys.exit(2)
         cells = journal.cells(found.id)
     policy = _policy(None if found.policy_source == DEFAULT_POLICY_NAME else found.policy_source)
-    source = source_facts(RunRecord(found.id, found.kind, policy, cells, found.session))
+    source = source_facts(RunRecord(found.id, found.kind, policy, cells, found.session,
+                                    packages=cached_packages(policy)))
     if policy.path is not None:  # relative to the playbook, so the two can move together
         source["policy"] = os.path.relpath(policy.path, output.resolve().parent)
     try:
@@ -358,7 +359,27 @@ def check(file: str | None, policy_path: str | None) -> None:
         sys.exit(2)
     for warning in policy_warnings(checked):
         click.echo(f"{file}: warning: {warning}", err=True)
+    problems = _package_problems(checked)
+    for problem in problems:
+        click.echo(f"{file}: {problem}", err=True)
+    if problems:
+        sys.exit(2)
     click.echo(f"{file}: ok")
+
+
+def _package_problems(checked: Policy) -> list[str]:
+    """The policy's packages resolved (fetched unless cached): one line per problem."""
+    from ubertool.runtime.home import cache_home
+    from ubertool.tools.packages import PackageCache, PackageError, cache_folder_of
+
+    if not checked.packages.allow:
+        return []
+    cache = PackageCache(cache_folder_of(cache_home()), checked.packages)
+    try:
+        cache.resolve(list(checked.packages.allowed().values()))
+    except PackageError as exc:
+        return [f"packages.allow: {exc}"]
+    return []
 
 
 @policy.command()
@@ -368,3 +389,64 @@ def show(policy_path: str | None) -> None:
     effective = _policy(policy_path)
     click.echo(f"# effective policy from {effective.source}")
     click.echo(tomli_w.dumps(policy_document(effective)), nl=False)
+
+
+@main.group()
+def packages() -> None:
+    """The pure-Python packages the policy's [packages] section allows."""
+
+
+def _package_cache(policy_path: str | None, *, offline: bool = False) -> tuple[Policy, Any]:
+    from ubertool.runtime.home import cache_home
+    from ubertool.tools.packages import PackageCache, cache_folder_of
+
+    def progress(kind: str, **fields: Any) -> None:
+        if kind == "package_fetch":
+            click.echo(f"fetching {fields['requirement']}", err=True)
+
+    chosen = _policy(policy_path)
+    return chosen, PackageCache(cache_folder_of(cache_home()), chosen.packages, offline=offline,
+                                on_event=progress)
+
+
+@packages.command("list")
+@policy_option
+def packages_list(policy_path: str | None) -> None:
+    """What the policy allows and the exact versions in the cache (nothing is fetched)."""
+    from ubertool.tools.packages import builtin_packages
+
+    chosen, cache = _package_cache(policy_path, offline=True)
+    spec = chosen.packages
+    if not spec.allow:
+        click.echo(f"The policy {chosen.source} allows no packages ([packages] allow = [...]).")
+        return
+    modes = [w for w, on in (("preloaded", spec.preload), ("guest may install", spec.guest_install)) if on]
+    mode = ", ".join(modes) or "not importable: preload and guest_install are off"
+    click.echo(f"Allowed ({mode}): {', '.join(spec.allow)}")
+    for name, requirement in spec.allowed().items():
+        if name in builtin_packages():
+            shown, version = builtin_packages()[name]
+            click.echo(f"  {requirement}: built into the sandbox ({shown} {version}); nothing to fetch")
+    resolved = cache.cached(list(spec.allowed().values()))
+    if resolved is None:
+        click.echo("Not in the cache yet: `ubertool packages sync` fetches them.")
+        return
+    for pin in resolved:
+        click.echo(f"  {pin.exact}  {pin.filename}  sha256:{pin.sha256[:16]}")
+
+
+@packages.command("sync")
+@policy_option
+def packages_sync(policy_path: str | None) -> None:
+    """Resolve the allowed packages again and fetch what the cache lacks (then runs need no index)."""
+    from ubertool.tools.packages import PackageError
+
+    chosen, cache = _package_cache(policy_path)
+    try:
+        resolved = cache.resolve(list(chosen.packages.allowed().values()), refresh=True)
+    except PackageError as exc:
+        click.echo(f"ubertool packages sync: {exc}", err=True)
+        sys.exit(2)
+    for pin in resolved:
+        click.echo(f"  {pin.exact}  {pin.filename}")
+    click.echo(f"{len(resolved)} packages in the cache for {chosen.source}.")

@@ -25,12 +25,13 @@ from ubertool.tools.browser import BrowserSpec
 from ubertool.tools.credentials import CredentialSpec
 from ubertool.tools.jail import bwrap_problem
 from ubertool.tools.mounts.http import HttpMountSpec
+from ubertool.tools.packages import PACKAGES_GUEST, PackagesSpec
 from ubertool.tools.programs import ProgramSpec
 from ubertool.tools.upstream import UpstreamSpec
 
 DEFAULT_POLICY_NAME = "<embedded default policy>"
 # Guest paths the sandbox itself uses: a grant may not shadow them.
-_RESERVED_GUEST = ("/tmp", "/usr/local/lib", GUESTLIB_GUEST)
+_RESERVED_GUEST = ("/tmp", "/usr/local/lib", GUESTLIB_GUEST, PACKAGES_GUEST)
 
 
 class PolicyError(ValueError):
@@ -204,6 +205,7 @@ class Policy(_Section):
     mounts: Annotated[tuple[Mount, ...], Field(strict=False)] = ()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     tools: Tools = Tools()
+    packages: PackagesSpec = PackagesSpec()
     server: Server = Server()
     source: str = Field(DEFAULT_POLICY_NAME, exclude=True)
     sha256: str = Field("", exclude=True)  # of the file's text, so a playbook knows its policy
@@ -311,6 +313,9 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: 
                    for m in policy.mounts)
     credentials = {name: c.model_copy(update={"file": _resolve(c.file, base)}) if c.file else c
                    for name, c in policy.credentials.items()}
+    links = tuple(link if "://" in link else str(_resolve(Path(link), base))
+                  for link in policy.packages.find_links)
+    packages = policy.packages.model_copy(update={"find_links": links})
     folders = [(f"grants.{i}", g) for i, g in enumerate(grants)]
     folders += [(f"mounts.{i}", m) for i, m in enumerate(mounts) if isinstance(m, DirMount)]
     problems = cross + [f"{source}: {key}.host: {p}" for key, g in folders if (p := _host_problem(g, key))]
@@ -319,7 +324,8 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: 
                  if (p := _bind_problem(Path(bind)))]
     if problems:
         raise PolicyError(problems)
-    return policy.model_copy(update={"grants": grants, "mounts": mounts, "credentials": credentials})
+    return policy.model_copy(update={"grants": grants, "mounts": mounts, "credentials": credentials,
+                                     "packages": packages})
 
 
 def _resolve(path: Path, base: Path | None) -> Path:

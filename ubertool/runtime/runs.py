@@ -25,7 +25,7 @@ from ubertool.playbooks.dump import dump, write_playbook
 from ubertool.playbooks.format import PlaybookError
 from ubertool.runtime.about import about_text
 from ubertool.runtime.audit import AuditLog, code_hash
-from ubertool.runtime.home import state_folder
+from ubertool.runtime.home import cache_home, state_folder
 from ubertool.runtime.journal import Journal, JournalCell
 from ubertool.runtime.policy import DirMount, Policy
 from ubertool.sandbox import (
@@ -36,6 +36,7 @@ from ubertool.sandbox import (
     ProviderMount,
     SandboxConfig,
     SandboxSession,
+    SandboxStartError,
     Text,
 )
 from ubertool.tools import ToolFailure
@@ -43,6 +44,7 @@ from ubertool.tools.browser import BrowserBroker
 from ubertool.tools.credentials import CredentialBroker
 from ubertool.tools.files import open_private, private_folder, remove_tree
 from ubertool.tools.mounts.http import HttpMount
+from ubertool.tools.packages import PACKAGES_GUEST, PackageBroker, PackageError, installs_in
 from ubertool.tools.programs import ProgramBroker
 from ubertool.tools.recorder import Exchange, Recorder, Spool, recorded_call
 from ubertool.tools.redact import Redactor
@@ -59,6 +61,7 @@ class RunRecord:
     cells: list[JournalCell] = field(default_factory=list)
     session: str | None = None
     principal: str | None = None  # who opened it, for a server's run
+    packages: list[str] = field(default_factory=list)  # `name==version` the session started with
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,18 @@ def source_facts(record: RunRecord) -> dict[str, Any]:
             "policy": str(policy.path) if policy.path else None, "policy_sha256": policy.sha256,
             "mounts": [f"{m.name} ({m.kind} {m.guest})" for m in policy.mounts],
             "credentials": sorted(policy.credentials),
+            "packages": sorted({*record.packages,
+                                *(e for cell in record.cells for e in installs_in(cell.exchanges))}),
             "ubertool": shutil.which("ubertool") or str(Path(sys.executable).with_name("ubertool"))}
+
+
+def cached_packages(policy: Policy) -> list[str]:
+    """`name==version` a session of `policy` starts with, from the package cache alone ([] when
+    it has not been resolved yet): for a playbook dumped after its run ended."""
+    broker = PackageBroker(policy.packages, cache_home(), offline=True)
+    if not broker.wanted:
+        return []
+    return [pin.exact for pin in broker.cache.cached(broker.preloaded()) or ()]
 
 
 def playbook_tool(record: RunRecord, recorder: Recorder) -> Callable[..., dict[str, Any]]:
@@ -200,11 +214,16 @@ def playbook_owner(name: str) -> str | None:
 
 @contextmanager
 def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: Redactor,
-                   record: RunRecord, spool: Spool,
-                   replay: Sequence[Exchange] | None = None) -> Iterator[SandboxConfig]:
+                   record: RunRecord, spool: Spool, replay: Sequence[Exchange] | None = None,
+                   pins: dict[str, str] | None = None, offline: bool = False) -> Iterator[SandboxConfig]:
     """The sandbox's view of the policy for one run, with the run's brokers (closed on exit).
     Response bodies are kept in `spool`, not memory. With `replay`, every outside exchange is
-    answered from it and nothing is sent."""
+    answered from it and nothing is sent. `pins` (name -> version) fix the packages' versions;
+    `offline` fetches none (they must be cached).
+
+    Raises:
+        PackageError: the policy's packages cannot be given (named), e.g. offline and not cached.
+    """
     recorder = Recorder()
     folders = [HostFolder(g.host, g.guest) for g in policy.grants]
     folders += [HostFolder(m.host, m.guest, m.writable) for m in policy.mounts if isinstance(m, DirMount)]
@@ -223,6 +242,12 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
         upstream = stack.enter_context(UpstreamBroker(dict(policy.tools.mcp), credentials=credentials,
                                                       recorder=recorder, redactor=redactor,
                                                       on_event=audit.event))
+        packages = stack.enter_context(PackageBroker(policy.packages, cache_home(), pins=pins,
+                                                     offline=offline, recorder=recorder,
+                                                     on_event=audit.event))
+        record.packages = packages.installed
+        if packages.site is not None:
+            folders.append(HostFolder(packages.site.folder, PACKAGES_GUEST))
         mounts = []
         for spec in policy.mounts:
             if isinstance(spec, DirMount):
@@ -234,18 +259,33 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
         yield SandboxConfig(workspace=workspace, workspace_guest=policy.workspace.guest_path,
                             folders=tuple(folders), mounts=tuple(mounts), recorder=recorder,
                             tools=(playbook_tool(record, recorder), *programs.tools(), *browser.tools(),
-                                   *upstream.tools()),
-                            limits=_limits(policy), about=about_text(policy))
+                                   *upstream.tools(), *packages.tools()),
+                            limits=_limits(policy), about=about_text(policy, packages.installed),
+                            import_path=(PACKAGES_GUEST,) if packages.site is not None else ())
+
+
+@contextmanager
+def _packages_named() -> Iterator[None]:
+    """A package problem, as the sandbox's failure to start (with what to do)."""
+    try:
+        yield
+    except PackageError as exc:
+        raise SandboxStartError(f"packages: {exc}") from None
 
 
 @asynccontextmanager
 async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Journal | None = None,
                    kind: str = "run", replay: Sequence[Exchange] | None = None,
-                   principal: str | None = None) -> AsyncIterator[Run]:
+                   principal: str | None = None, pins: dict[str, str] | None = None,
+                   offline: bool = False) -> AsyncIterator[Run]:
     """Start a run: make its workspace, audit log and brokers, open its sandbox; on exit close
     them all (credentials are revoked then). `kind` (mcp, run, shell, replay) goes to the
     journal, when one is given; `replay` answers outside exchanges from a recording;
-    `principal` (a server's client) is audited and owns the playbooks the run saves.
+    `principal` (a server's client) is audited and owns the playbooks the run saves; `pins`
+    fix package versions (a playbook's); `offline` fetches no package.
+
+    Raises:
+        SandboxStartError: the sandbox, or the policy's packages, could not be set up.
 
     With `workspace` the given host folder (made if missing) is the workspace and is kept.
     Otherwise the run gets `<state>/runs/<id>/workspace`, removed at the end unless the
@@ -264,7 +304,9 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
     spool = Spool(run_dir / "bodies")
     try:
         with AuditLog(run_dir / "audit.jsonl", run_id, redactor) as audit, \
-                sandbox_config(policy, folder, audit, redactor, record, spool, replay) as config:
+                _packages_named(), \
+                sandbox_config(policy, folder, audit, redactor, record, spool, replay, pins,
+                               offline) as config:
             audit.event("run_start", run_kind=kind, policy=policy.source, workspace=str(folder),
                         principal=principal)
             if journal is not None:

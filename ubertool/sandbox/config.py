@@ -65,7 +65,8 @@ class SandboxConfig:
     request goes through `recorder`, so a restore replays it instead of sending it again.
     `tools` are host functions the guest calls as `from host import tools` (typed plain
     functions; each should record itself through `recorder`). `about` is what the guest's
-    `ubertool.about()` prints.
+    `ubertool.about()` prints. `import_path` are guest paths, each inside a read-only folder,
+    put on the guest's `sys.path` after the stdlib and the guest library (never before them).
     """
 
     workspace: Path
@@ -76,3 +77,4 @@ class SandboxConfig:
     tools: tuple[Callable[..., Any], ...] = ()
     limits: Limits = field(default_factory=Limits)
     about: str = ""
+    import_path: tuple[str, ...] = ()

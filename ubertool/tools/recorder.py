@@ -136,7 +136,13 @@ class Recorder:
         self._answers: dict[str, Json] = {}
         self._replay: _Replay | None = None
         self._lock = threading.Lock()
+        self._rewinds: list[Callable[[], None]] = []
         self.mismatch: str = ""
+
+    def on_rewind(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever a replay begins (a restore): host state that replayed
+        calls rebuild (e.g. packages the guest installed) goes back to the run's start first."""
+        self._rewinds.append(callback)
 
     @property
     def replaying_now(self) -> bool:
@@ -197,6 +203,8 @@ class Recorder:
         (as the run did at its start). Afterwards the mode before it comes back, and the
         answers the block rebuilt stay (a restore leaves the run where the replay got it)."""
         recorded = list(exchanges)
+        for rewind in self._rewinds:
+            rewind()
         replay = _Replay([e for e in recorded if not e.reusable], {})
         for e in recorded:
             if e.reusable:

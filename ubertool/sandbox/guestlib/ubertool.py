@@ -27,6 +27,22 @@ def save_playbook(name: str, description: str = "", params: dict | None = None) 
     return tools.save_playbook(name=name, description=description, params=params or {})
 
 
+def install(*requirements: str) -> list:
+    """Install pure-Python packages the policy allows (`[packages] allow`, with
+    `guest_install = true`) into this session: `ubertool.install("tabulate")`, or with
+    versions, `ubertool.install("sympy>=1.12")`. The host fetches them (their dependencies too),
+    places them read-only on the import path, and they import as usual. Built-in packages
+    (numpy, pandas, ...) are never replaced. Returns the `name==version` of each package now
+    installed; raises if one is not allowed or not pure Python."""
+    import importlib
+
+    from host import tools
+
+    answer = tools.install_package(requirements=list(requirements))
+    importlib.invalidate_caches()  # the package folder changed under the import system
+    return answer["installed"]
+
+
 def _tools():
     from host import tools
 
