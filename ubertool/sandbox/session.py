@@ -89,13 +89,15 @@ class SandboxSession:
         self._next = 1
         self._cancel: threading.Event | None = None
         self._start = self._base = _Base(None, 0, {})
-        self._images = False
+        self._images = self._soft = False
         self._root: Path | None = None
         self.last_restore: RestoreReport | None = None
         self.last_active = time.monotonic()
 
     async def __aenter__(self) -> SandboxSession:
         self._images = not await anyio.to_thread.run_sync(engine.images_off)
+        # A soft interrupt keeps what the cell did so far: only an image can carry that.
+        self._soft = self._images and not await anyio.to_thread.run_sync(engine.soft_interrupts_off)
         # The guest's / (its /tmp and HOME): ubertool's own folder for the session's life, so
         # that a restored interpreter finds what the image's open files point to.
         self._root = Path(tempfile.mkdtemp(prefix="ubertool-root-"))
@@ -192,10 +194,10 @@ class SandboxSession:
         assert self._interp is not None
         source = engine.cell_source(number, code, echo=echo, value_cap=self.config.limits.output_bytes)
         started = time.perf_counter()
-        done, ended = engine.run_turn(self._interp, source, timeout, cancel)
+        turn = engine.run_turn(self._interp, source, timeout, cancel, soft=self._soft)
         notes, write_error = self._end_of_cell()
         duration = time.perf_counter() - started
-        out = engine.read_outcome(done, ended, timeout, self.config.limits.output_bytes)
+        out = engine.read_outcome(turn, timeout, self.config.limits.output_bytes)
         if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
         over = self._over_quota()
@@ -203,7 +205,9 @@ class SandboxSession:
             out = replace(out, status=Status.ERROR, error=CellError("QuotaExceeded", over, over))
         exchanges = self.config.recorder.take()
         restored = None
-        if out.status in _RESTORE_AFTER or ended is not None:
+        if out.kept:  # a soft interrupt: what the cell did so far stays, and becomes the base
+            self._maybe_image(force=True)
+        elif out.status in _RESTORE_AFTER or turn.ended is not None:
             restored = self.last_restore = self._restore()
         elif out.status in COMPLETED:
             self._history.append(_Cell(number, code, echo, out.status, exchanges, duration))
@@ -246,15 +250,16 @@ class SandboxSession:
             notes.append(error)
         return notes, error
 
-    def _maybe_image(self) -> None:
+    def _maybe_image(self, *, force: bool = False) -> None:
         """After a completed cell: keep an image when the cells since the last one would take
-        over `IMAGE_AFTER_S` to replay, or when the guest's open files are not the image's."""
+        over `IMAGE_AFTER_S` to replay, or when the guest's open files are not the image's.
+        `force`: after a soft interrupt, whose partial effects no replay could bring back."""
         if not self._images or self._interp is None or self._interp.ended is not None:
             return
         base = self._base
         since = sum(cell.duration_s for cell in self._history[base.cells:])
         try:
-            if since <= IMAGE_AFTER_S:
+            if since <= IMAGE_AFTER_S and not force:
                 state = base.image.state if base.image is not None else ((), ())
                 if engine.files_now(self._interp) == state:
                     return
@@ -309,9 +314,9 @@ class SandboxSession:
         assert self._interp is not None
         limits = self.config.limits
         source = engine.cell_source(cell.number, cell.code, echo=cell.echo, value_cap=limits.output_bytes)
-        done, ended = engine.run_turn(self._interp, source, limits.restore_timeout_s, None)
+        turn = engine.run_turn(self._interp, source, limits.restore_timeout_s, None)
         self._end_of_cell()
-        status = engine.read_outcome(done, ended, limits.restore_timeout_s).status
+        status = engine.read_outcome(turn, limits.restore_timeout_s).status
         if self.config.recorder.mismatch:
             return f"cell {cell.number}: {self.config.recorder.mismatch}"
         if status is cell.status:
