@@ -6,8 +6,16 @@ import anyio
 import pytest
 
 from ubertool.sandbox import SandboxSession, Status
+from ubertool.sandbox import session as session_module
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _replay_counts_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests count replayed cells: no image for a cell that is merely slow on a busy
+    machine (images are tested in test_images.py)."""
+    monkeypatch.setattr(session_module, "IMAGE_AFTER_S", 3600.0)
 
 
 async def test_state_is_kept_across_cells(session: SandboxSession) -> None:

@@ -152,6 +152,7 @@ class Outcome:
     message: str = ""
     images: tuple[bytes, ...] = ()
     kept: bool = False  # stopped by a soft interrupt: the interpreter and its state are kept
+    note: str = ""  # for the cell's notes: why a soft interrupt was not enough
 
 
 @dataclass(frozen=True)
@@ -235,12 +236,18 @@ def _stopped_message(turn: Turn, timeout_s: float, kept: bool = False) -> str:
             else "the cell was interrupted")
     if kept:
         return f"{what}; a KeyboardInterrupt stopped it and the interpreter kept its state"
-    if turn.soft and not turn.hard:
-        return f"{what}; a KeyboardInterrupt stopped it, but the guest runtime did not report"
-    if turn.soft:
-        return (f"{what} and did not stop at a KeyboardInterrupt within {SOFT_GRACE_S:g} s, "
-                "so it was stopped")
-    return f"{what} and was stopped"
+    return f"{what} and was stopped" if turn.stopped == "timeout" else what
+
+
+def _hard_note(turn: Turn) -> str:
+    """Why a cell that got a KeyboardInterrupt was stopped hard all the same."""
+    if not turn.soft:
+        return ""
+    if turn.hard:
+        return (f"a KeyboardInterrupt did not stop the cell within {SOFT_GRACE_S:g} s "
+                "(a long C call, a sleep, or code that catches it), so its interpreter was "
+                "stopped and the state rolled back")
+    return "a KeyboardInterrupt stopped the cell, but the guest runtime did not report it"
 
 
 def read_outcome(turn: Turn, timeout_s: float, output_bytes: int | None = None) -> Outcome:
@@ -259,7 +266,8 @@ def read_outcome(turn: Turn, timeout_s: float, output_bytes: int | None = None) 
         else:
             message = _ENDINGS.get(ended or "", "the guest runtime did not report the cell")
         return Outcome(status, _capped(Text.whole(raw_out), output_bytes),
-                       _capped(Text.whole(raw_err), output_bytes), None, None, message)
+                       _capped(Text.whole(raw_err), output_bytes), None, None, message,
+                       note=_hard_note(turn) if stopped is not None else "")
     try:
         stdout, stderr, value, error, images = _from_record(record)
     except (KeyError, TypeError, ValueError) as exc:

@@ -198,6 +198,8 @@ class SandboxSession:
         notes, write_error = self._end_of_cell()
         duration = time.perf_counter() - started
         out = engine.read_outcome(turn, timeout, self.config.limits.output_bytes)
+        if out.note:
+            notes.append(out.note)
         if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
         over = self._over_quota()
