@@ -4,12 +4,14 @@ the fallback to replay when the private layer's self-test fails. Real sandbox th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import anyio
 import pytest
 
-from ubertool.sandbox import SandboxConfig, SandboxSession, Status, images
+from ubertool.sandbox import ProviderMount, SandboxConfig, SandboxSession, Status, images
 from ubertool.sandbox import session as session_module
+from ubertool.tools.mounts import Entry
 
 pytestmark = pytest.mark.anyio
 
@@ -217,3 +219,62 @@ async def test_code_that_swallows_the_interrupt_is_stopped_hard(session: Sandbox
     result = await session.run(stubborn, timeout_s=0.5)
     assert result.status is Status.TIMEOUT and result.restored is not None
     assert str((await session.run("kept")).value) == "2"
+
+
+class _Files:
+    """A writable provider keeping its files in a dict (ubertool's provider interface)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+
+    def stat(self, path: str) -> Entry:
+        if path == "/":
+            return Entry("dir")
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return Entry("file", len(self.files[path]))
+
+    def list(self, path: str) -> list[tuple[str, str]]:
+        return [(name.lstrip("/"), "file") for name in self.files]
+
+    def read(self, path: str) -> bytes:
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return self.files[path]
+
+    def write(self, path: str, data: bytes) -> None:
+        self.files[path] = data
+
+    def remove(self, path: str) -> None:
+        self.files.pop(path)
+
+    def mkdir(self, path: str) -> None:
+        raise PermissionError(path)
+
+    rmdir = mkdir
+
+    def rename(self, src: str, dst: str) -> None:
+        self.files[dst] = self.files.pop(src)
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_mount_handles_survive_a_hard_stop(make_config: Callable[..., SandboxConfig]) -> None:
+    provider = _Files({"/in.txt": b"one\ntwo\n"})
+    config = replace(make_config(), mounts=(ProviderMount("/data", provider, writable=True),))
+    async with SandboxSession(config) as session:
+        opened = await session.run(
+            "src = open('/data/in.txt')\nfirst = src.readline()\n"
+            "out = open('/data/out.txt', 'w')\nout.write('a'); out.flush()\n"
+            "(src.fileno(), out.fileno())"
+        )
+        assert opened.status is Status.OK, opened
+        result = await session.run(SLEEP, timeout_s=0.5)
+        assert result.restored is not None and result.restored.ok
+        after = await session.run(
+            "numbers = (src.fileno(), out.fileno())\nsecond = src.readline()\n"
+            "out.write('b'); out.close()\nnumbers, first, second"
+        )
+        assert str(after.value) == f"({opened.value}, 'one\\n', 'two\\n')", after
+        assert provider.files["/out.txt"] == b"ab"

