@@ -3,7 +3,8 @@
 For each history length, two sessions run the same cells (each a few ms of guest work, plus
 an import of pandas first, so memory is not trivial); then one cell sleeps past its limit (only
 the hard stop ends it) and the restore's time is printed beside replay's. Also printed: the
-cost of one image (copy + open-file offsets), its size, and the process RSS. Asserts nothing.
+cost of one image (copy + open-file offsets), its size, the process RSS, and a new session's
+time to a first pandas result from a warm template vs fresh. Asserts nothing.
 
     .venv/bin/python bench/images.py [--cells 10 100]
 """
@@ -64,10 +65,28 @@ async def image_cost(folder: Path) -> None:
               f"process RSS {rss_mib():.0f} MiB (+{rss_mib() - before:.0f} MiB for 5 images taken)")
 
 
+async def pandas_ready(folder: Path, template: tuple[str, ...]) -> float:
+    """Median ms from a new session to a first pandas result (3 sessions; the first session of
+    a template configuration, which makes the template, is left out)."""
+    workspace = folder / f"ws-ready-{bool(template)}"
+    workspace.mkdir()
+    config = SandboxConfig(workspace=workspace, template=template)
+    samples = []
+    for _ in range(4):
+        started = time.perf_counter()
+        async with SandboxSession(config) as session:
+            await session.run("import pandas as pd\npd.DataFrame({'a': [1, 2]}).a.sum()")
+            samples.append((time.perf_counter() - started) * 1000)
+    return sorted(samples[1:])[1]
+
+
 async def bench(lengths: list[int], folder: Path) -> None:
     print(f"self-test: images {'on' if not engine.images_off() else 'off'}, "
           f"soft interrupts {'on' if not engine.soft_interrupts_off() else 'off'}")
     await image_cost(folder)
+    warm = await pandas_ready(folder, ("numpy", "pandas", "matplotlib.pyplot"))
+    cold = await pandas_ready(folder, ())
+    print(f"  new session to a first pandas result: template {warm:.0f} ms   fresh {cold:.0f} ms")
     print("restore after a hard stop (sleep past the limit), seconds")
     for cells in lengths:
         image_s, image_cells = await restore_after(cells, folder, images=True)

@@ -278,3 +278,24 @@ async def test_mount_handles_survive_a_hard_stop(make_config: Callable[..., Sand
         )
         assert str(after.value) == f"({opened.value}, 'one\\n', 'two\\n')", after
         assert provider.files["/out.txt"] == b"ab"
+
+
+async def test_sessions_from_a_template_are_warm_and_reseeded(
+    make_config: Callable[..., SandboxConfig],
+) -> None:
+    config = replace(make_config(), template=("numpy", "pandas"))
+    probe = ("import sys, random, numpy as np\n"
+             "('pandas' in sys.modules, repr(random.random()), repr(np.random.random()))")
+    values = []
+    for _ in range(2):
+        async with SandboxSession(config) as session:
+            first = await session.run(probe)
+            assert first.status is Status.OK, first
+            values.append(str(first.value))
+            # A hard stop with no later image goes back to the template and replays.
+            await session.run("import pandas as pd\nframe = pd.DataFrame({'a': [1]})")
+            stopped = await session.run(SLEEP, timeout_s=0.5)
+            assert stopped.restored is not None and stopped.restored.ok
+            assert str((await session.run("frame.a.sum()")).value) == "np.int64(1)"
+    assert all(value.startswith("(True, ") for value in values)
+    assert values[0] != values[1]  # each session got its own random streams

@@ -65,7 +65,9 @@ class SandboxConfig:
     request goes through `recorder`, so a restore replays it instead of sending it again.
     `tools` are host functions the guest calls as `from host import tools` (typed plain
     functions; each should record itself through `recorder`). `about` is what the guest's
-    `ubertool.about()` prints.
+    `ubertool.about()` prints. `template` names modules a new session finds already imported:
+    the first session of a configuration imports them once into a template image, later ones
+    start from a copy of it (reseeded), when session images are on; () for none.
     """
 
     workspace: Path
@@ -76,3 +78,4 @@ class SandboxConfig:
     tools: tuple[Callable[..., Any], ...] = ()
     limits: Limits = field(default_factory=Limits)
     about: str = ""
+    template: tuple[str, ...] = ()

