@@ -180,20 +180,22 @@ async def test_cells_run_one_at_a_time_in_order(session: SandboxSession) -> None
     assert str((await session.run("seen")).value) == "[0, 1, 2, 3, 4]"
 
 
-async def test_restore_that_diverges_says_so(session: SandboxSession) -> None:
-    await session.run("kept = 'before the divergence'")
-    # A file the host puts in the workspace after the session began is not there on replay.
-    (session.config.workspace / "late.txt").write_text("late")
-    assert (await session.run("late = open('/workspace/late.txt').read()")).status is Status.OK
-    await session.run("after = 1")
-    result = await session.run("import time\ntime.sleep(100)", timeout_s=0.3)
-    report = result.restored
-    assert report is not None and not report.ok
-    assert (report.cells, report.failed_at) == (1, 2)
-    assert report.reason == "cell 2 ended 'error' on replay, not 'ok' as it first did"
-    assert str((await session.run("kept")).value) == "'before the divergence'"
-    assert (await session.run("after")).status is Status.ERROR
-    assert (session.config.workspace / "late.txt").read_text() == "late"
+async def test_restore_that_diverges_says_so(make_config) -> None:
+    config = make_config()
+    (config.workspace / "early.txt").write_text("early")  # there when the session begins
+    async with SandboxSession(config) as session:
+        await session.run("kept = 'before the divergence'")
+        assert (await session.run("early = open('/workspace/early.txt').read()")).status is Status.OK
+        await session.run("after = 1")
+        # The host removes it after the cell read it: the replay does not find it.
+        (config.workspace / "early.txt").unlink()
+        result = await session.run("import time\ntime.sleep(100)", timeout_s=0.3)
+        report = result.restored
+        assert report is not None and not report.ok
+        assert (report.cells, report.failed_at) == (1, 2)
+        assert report.reason == "cell 2 ended 'error' on replay, not 'ok' as it first did"
+        assert str((await session.run("kept")).value) == "'before the divergence'"
+        assert (await session.run("after")).status is Status.ERROR
 
 
 async def test_open_figures_come_back_as_png_images(session: SandboxSession) -> None:

