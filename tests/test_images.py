@@ -313,3 +313,18 @@ async def test_a_cell_that_wrote_a_file_is_never_replayed(
     result = await session.run(SLEEP, timeout_s=0.5)
     assert (session.config.workspace / "log.txt").read_text() == "one\ntwo\n"
     assert result.restored is not None and result.restored.ok and result.restored.cells == 0
+
+
+async def test_a_deep_tree_in_the_private_root_is_walked_and_removed(
+    make_config: Callable[..., SandboxConfig],
+) -> None:
+    """The guest shapes /tmp: the host walks it (for images) and removes it without recursion."""
+    async with SandboxSession(make_config()) as session:
+        deep = await session.run("import os\nos.chdir('/tmp')\n"
+                                 "for _ in range(1500):\n    os.mkdir('d'); os.chdir('d')\nos.chdir('/')")
+        assert deep.status is Status.OK, deep
+        assert (await session.run("kept = 1")).status is Status.OK
+        assert (await session.run(SLEEP, timeout_s=0.5)).restored is not None
+        assert str((await session.run("kept")).value) == "1"
+        root = session._root
+    assert root is not None and not root.exists()

