@@ -6,8 +6,16 @@ import anyio
 import pytest
 
 from ubertool.sandbox import SandboxSession, Status
+from ubertool.sandbox import session as session_module
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _replay_counts_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests count replayed cells: no image for a cell that is merely slow on a busy
+    machine (images are tested in test_images.py)."""
+    monkeypatch.setattr(session_module, "IMAGE_AFTER_S", 3600.0)
 
 
 async def test_state_is_kept_across_cells(session: SandboxSession) -> None:
@@ -69,7 +77,8 @@ async def test_timeout_stops_the_cell_and_keeps_earlier_state(session: SandboxSe
     await session.run("total = sum(range(100))")
     await session.run("names = ['a', 'b']")
     await session.run("raise KeyError('not replayed as a success, but replayed')")
-    result = await session.run("while True: pass", timeout_s=0.5)
+    # One long C call: a KeyboardInterrupt cannot stop it, so it is stopped hard and restored.
+    result = await session.run("import time\ntime.sleep(100)", timeout_s=0.5)
     assert result.status is Status.TIMEOUT
     assert "time limit of 0.5 s" in result.message
     assert result.restored is not None and result.restored.ok
@@ -123,7 +132,7 @@ async def test_interrupt_cancels_the_cell_and_restores(session: SandboxSession) 
             await anyio.sleep(0.3)
             session.interrupt()
         tg.start_soon(stop_soon)
-        result = await session.run("while True: pass")
+        result = await session.run("import time\ntime.sleep(100)")
     assert result.status is Status.CANCELLED
     assert result.restored is not None and result.restored.cells == 1
     assert str((await session.run("before")).value) == "'still here'"
@@ -132,7 +141,7 @@ async def test_interrupt_cancels_the_cell_and_restores(session: SandboxSession) 
 async def test_cancelling_the_caller_stops_the_cell(session: SandboxSession) -> None:
     await session.run("before = 41")
     with anyio.move_on_after(0.3):
-        await session.run("while True: pass", timeout_s=20)
+        await session.run("import time\ntime.sleep(100)", timeout_s=20)
     assert session.last_restore is not None and session.last_restore.cells == 1
     assert str((await session.run("before + 1")).value) == "42"
 
@@ -171,20 +180,22 @@ async def test_cells_run_one_at_a_time_in_order(session: SandboxSession) -> None
     assert str((await session.run("seen")).value) == "[0, 1, 2, 3, 4]"
 
 
-async def test_restore_that_diverges_says_so(session: SandboxSession) -> None:
-    await session.run("kept = 'before the divergence'")
-    # A file the host puts in the workspace after the session began is not there on replay.
-    (session.config.workspace / "late.txt").write_text("late")
-    assert (await session.run("late = open('/workspace/late.txt').read()")).status is Status.OK
-    await session.run("after = 1")
-    result = await session.run("while True: pass", timeout_s=0.3)
-    report = result.restored
-    assert report is not None and not report.ok
-    assert (report.cells, report.failed_at) == (1, 2)
-    assert report.reason == "cell 2 ended 'error' on replay, not 'ok' as it first did"
-    assert str((await session.run("kept")).value) == "'before the divergence'"
-    assert (await session.run("after")).status is Status.ERROR
-    assert (session.config.workspace / "late.txt").read_text() == "late"
+async def test_restore_that_diverges_says_so(make_config) -> None:
+    config = make_config()
+    (config.workspace / "early.txt").write_text("early")  # there when the session begins
+    async with SandboxSession(config) as session:
+        await session.run("kept = 'before the divergence'")
+        assert (await session.run("early = open('/workspace/early.txt').read()")).status is Status.OK
+        await session.run("after = 1")
+        # The host removes it after the cell read it: the replay does not find it.
+        (config.workspace / "early.txt").unlink()
+        result = await session.run("import time\ntime.sleep(100)", timeout_s=0.3)
+        report = result.restored
+        assert report is not None and not report.ok
+        assert (report.cells, report.failed_at) == (1, 2)
+        assert report.reason == "cell 2 ended 'error' on replay, not 'ok' as it first did"
+        assert str((await session.run("kept")).value) == "'before the divergence'"
+        assert (await session.run("after")).status is Status.ERROR
 
 
 async def test_open_figures_come_back_as_png_images(session: SandboxSession) -> None:

@@ -54,7 +54,7 @@ def test_run_from_stdin_with_a_kept_workspace(tmp_path: Path) -> None:
 
 
 def test_run_timeout_exits_1_and_says_so() -> None:
-    done = ubertool("run", "--timeout", "0.5", "-c", "while True: pass")
+    done = ubertool("run", "--timeout", "0.5", "-c", "import time\ntime.sleep(100)")
     assert done.returncode == 1
     assert "[timeout] the cell ran past its time limit of 0.5 s and was stopped" in done.stderr
 
@@ -143,9 +143,7 @@ def test_shell_keeps_state_interrupts_and_exits() -> None:
         child.sendline("double(x)")
         child.expect("82")
         child.expect(">>> ")
-        child.sendline("while True: pass")
-        child.expect(r"\.\.\. ")  # a loop is a whole cell only after a blank line
-        child.sendline("")
+        child.sendline("import time; time.sleep(100)")  # only the hard stop ends it
         time.sleep(1.0)  # the cell is running now
         child.sendintr()
         child.expect(r"\[cancelled\] the cell was interrupted; state restored: 4 earlier cells")

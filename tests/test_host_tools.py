@@ -125,7 +125,7 @@ async def test_programs_survive_a_restore_without_respawning(tmp_path: Path) -> 
     async with tool_run(tmp_path) as run:
         await ok(run, "from ubertool import programs\npy = programs.spawn('python')\npy.expect('>>> ')\n"
                       "py.sendline('counter = 1')\npy.expect('>>> ')")
-        result = await run.cell("while True: pass", timeout_s=0.5)
+        result = await run.cell("import time\ntime.sleep(100)", timeout_s=0.5)
         assert result.restored is not None and result.restored.ok
         assert await ok(run, "py.sendline('counter + 1')\npy.expect('>>> ')\npy.before.strip()") == "'2'"
 

@@ -67,6 +67,9 @@ class SandboxConfig:
     functions; each should record itself through `recorder`). `about` is what the guest's
     `ubertool.about()` prints. `import_path` are guest paths, each inside a read-only folder,
     put on the guest's `sys.path` after the stdlib and the guest library (never before them).
+    `template` names modules a new session finds already imported: the first session of a
+    configuration imports them once into a template image, later ones start from a copy of it
+    (reseeded), when session images are on; () for none.
     """
 
     workspace: Path
@@ -78,3 +81,4 @@ class SandboxConfig:
     limits: Limits = field(default_factory=Limits)
     about: str = ""
     import_path: tuple[str, ...] = ()
+    template: tuple[str, ...] = ()

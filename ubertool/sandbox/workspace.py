@@ -21,10 +21,11 @@ def _remove(path: Path) -> None:
 def set_aside(folder: Path, keep: frozenset[str]) -> Iterator[None]:
     """Move the folder's entries out while the block runs, then put them back as they were.
 
-    Entries named in `keep` (what the folder held when the session began) stay in place, so a
-    replayed cell can read them. Everything the block writes to the folder is discarded, so a
-    replayed cell that appends to a file does not append twice. The folder itself (its inode)
-    is never replaced: an interpreter opened inside the block keeps seeing it.
+    Entries named in `keep` (what the folder held when the restore's image was taken, or when
+    the session began) stay in place, so a replayed cell can read them. Everything the block
+    writes to the folder is discarded, so a replayed cell that appends to a file does not
+    append twice. The folder itself (its inode) is never replaced: an interpreter opened
+    inside the block keeps seeing it.
     """
     aside = folder.parent / f".{folder.name}.restoring-{os.getpid()}"
     aside.mkdir(mode=0o700)  # it holds the workspace's files meanwhile: owner-only, like the workspace

@@ -84,6 +84,21 @@ def install(cap: int, about: str) -> None:
     ubertool.ABOUT = about
 
 
+def reseed() -> None:
+    """New random streams for an interpreter started from a template image, so that sessions
+    from one template never share them: `random`, numpy's global state, tempfile's names."""
+    import os
+    import random
+
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile._name_sequence = None
+
+
 def _figures() -> list[str]:
     """Every open matplotlib figure as base64 PNG, then closed (as a notebook shows them)."""
     pyplot = sys.modules.get("matplotlib.pyplot")
