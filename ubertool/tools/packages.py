@@ -548,11 +548,12 @@ class PackageBroker:
         if self.wanted:
             self.site = PackageSite(self.cache)
             try:
-                started = [p.name for p in self.site.add(self.cache.resolve(self.preloaded(), self.pins))]
+                self.site.add(self.cache.resolve(self.preloaded(), self.pins))
             except BaseException:
                 self.site.close()
                 raise
-            self.recorder.on_rewind(functools.partial(self.site.rewind, started))
+            site = self.site  # a replay puts back the packages of where it starts, then installs again
+            self.recorder.on_rewind(lambda: list(site.installed), site.rewind)
         return self
 
     def __exit__(self, *exc: object) -> None:

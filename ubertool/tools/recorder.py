@@ -118,6 +118,14 @@ def _key(kind: str, request: Json) -> str:
     return json.dumps([kind, request], sort_keys=True, default=str)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a replay starts (see `Recorder.checkpoint`)."""
+
+    answers: dict[str, Json]
+    hooks: tuple[Any, ...]
+
+
 class ReplayMismatch(RuntimeError):
     """A replayed cell asked for something the recording does not hold there."""
 
@@ -136,13 +144,23 @@ class Recorder:
         self._answers: dict[str, Json] = {}
         self._replay: _Replay | None = None
         self._lock = threading.Lock()
-        self._rewinds: list[Callable[[], None]] = []
+        self._hooks: list[tuple[Callable[[], Any], Callable[[Any], None]]] = []
+        self._origin = Checkpoint({}, ())
         self.mismatch: str = ""
 
-    def on_rewind(self, callback: Callable[[], None]) -> None:
-        """Call `callback` whenever a replay begins (a restore): host state that replayed
-        calls rebuild (e.g. packages the guest installed) goes back to the run's start first."""
-        self._rewinds.append(callback)
+    def on_rewind(self, save: Callable[[], Any], restore: Callable[[Any], None]) -> None:
+        """Host state that replayed calls rebuild (e.g. packages the guest installed): `save()`
+        is kept with every checkpoint (and now, as the run's start), and a replay from one
+        calls `restore(saved)` first."""
+        self._hooks.append((save, restore))
+        self._origin = Checkpoint({}, (*self._origin.hooks, save()))
+
+    def checkpoint(self) -> Checkpoint:
+        """The run's state as a replay must find it to go on from here: the answers kept, and
+        what each `on_rewind` hook saves. Take it between cells (with a session image)."""
+        with self._lock:
+            answers = dict(self._answers)
+        return Checkpoint(answers, tuple(save() for save, _ in self._hooks))
 
     @property
     def replaying_now(self) -> bool:
@@ -198,20 +216,21 @@ class Recorder:
         return log
 
     @contextmanager
-    def replaying(self, exchanges: Iterable[Exchange]) -> Iterator[None]:
-        """Answer every exchange in the block from `exchanges`, starting with no answers kept
-        (as the run did at its start). Afterwards the mode before it comes back, and the
+    def replaying(self, exchanges: Iterable[Exchange], start: Checkpoint | None = None) -> Iterator[None]:
+        """Answer every exchange in the block from `exchanges`, starting from `start` (default:
+        the run's start: no answers kept). Afterwards the mode before it comes back, and the
         answers the block rebuilt stay (a restore leaves the run where the replay got it)."""
         recorded = list(exchanges)
-        for rewind in self._rewinds:
-            rewind()
+        start = start or self._origin
+        for (_, restore), saved in zip(self._hooks, start.hooks, strict=True):
+            restore(saved)
         replay = _Replay([e for e in recorded if not e.reusable], {})
         for e in recorded:
             if e.reusable:
                 replay.reusable.setdefault(e.key, []).append(e)
         with self._lock:
             before = self._replay
-            self._replay, self._answers, self._log = replay, {}, []
+            self._replay, self._answers, self._log = replay, dict(start.answers), []
             self.mismatch = ""
         try:
             yield
