@@ -184,7 +184,7 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
                    record: RunRecord, replay: Sequence[Exchange] | None = None) -> Iterator[SandboxConfig]:
     """The sandbox's view of the policy for one run, with the run's brokers (closed on exit).
     With `replay`, every outside exchange is answered from it and nothing is sent."""
-    recorder = Recorder()
+    recorder = Recorder(redactor)  # what the journal keeps is redacted as the guest sees it
     folders = [HostFolder(g.host, g.guest) for g in policy.grants]
     folders += [HostFolder(m.host, m.guest, m.writable) for m in policy.mounts if isinstance(m, DirMount)]
     with ExitStack() as stack:

@@ -4,6 +4,9 @@ replaying, it answers from a recording and performs nothing.
 Restore after a timeout replays earlier cells with their recorded exchanges, so no request is
 sent twice; playbooks' offline replay uses the same mechanism. Exchanges are matched by kind
 and request, in order; a mismatch is raised, never guessed around.
+
+With a `Redactor`, every exchange passes it before it is kept or answered: the journal, the
+playbooks dumped from it and the guest all get the same redacted record, live or replayed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ubertool.tools import ToolFailure
+from ubertool.tools.redact import Redactor
 
 Json = dict[str, Any]
 
@@ -37,22 +41,28 @@ class ReplayMismatch(RuntimeError):
 class Recorder:
     """Records a session's exchanges; thread-safe (a cell's turn runs on a worker thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        self._redactor = redactor
         self._log: list[Exchange] = []
         self._replay: deque[Exchange] | None = None
         self._lock = threading.Lock()
         self.mismatch: str = ""
 
     def exchange(self, kind: str, request: Json, perform: Callable[[], Json]) -> Json:
-        """The response to `request`: performed and recorded live, or read from the recording.
+        """The response to `request`: performed and recorded live, or read from the recording;
+        both redacted when the recorder has a redactor (a replay is matched redacted too).
 
         Raises:
             ReplayMismatch: replaying, and the recording holds something else next.
         """
         with self._lock:
             replay = self._replay
+        if self._redactor is not None:
+            request = self._redactor.json(request)
         if replay is None:
             response = perform()
+            if self._redactor is not None:
+                response = self._redactor.json(response)
             with self._lock:
                 self._log.append(Exchange(kind, request, response))
             return response
