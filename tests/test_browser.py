@@ -53,7 +53,7 @@ async def test_fill_click_read_screenshot_and_blocking(tmp_path: Path,
             assert refused.error.message == (f"navigation to {url_of(other)} is blocked: not in "
                                              f"tools.browser.origins ({url})")
             leaky = await run.cell(f"browser.goto('{url}/leaky')['title']")
-            assert str(leaky.value) == "'Leaky'"
+            assert str(leaky.value) == "'Leaky'", leaky.error
             assert f"ubertool.browser: blocked {url_of(other)}/pixel.png" in str(leaky.stderr)
             assert other.seen == []  # nothing reached the other origin
             denied = await run.cell("browser.evaluate('document.title')")
@@ -156,7 +156,7 @@ async def test_every_redirect_hop_is_checked_and_the_credential_never_follows(
                     in hop.error.message)
             # A credentialed page's image, redirected out.
             leaky = await run.cell(f"browser.goto('{url}/leaky-redirect')['title']")
-            assert str(leaky.value) == "'Leaky'"
+            assert str(leaky.value) == "'Leaky'", leaky.error
             assert f"ubertool.browser: blocked {elsewhere}/pixel.png (redirect from {url}/redirect)" \
                 in str(leaky.stderr)
             # A redirect between allowed origins is followed; the credential stays on its origin.

@@ -378,6 +378,12 @@ class BrowserBroker(Broker):
         self._host_goto = origin_of(url)
         try:
             response = await self._page.goto(url)
+        except Exception:
+            # A refused navigation commits Chromium's error page a moment later; wait for it,
+            # or it would cut the next goto short.
+            with contextlib.suppress(Exception):
+                await self._page.wait_for_url("chrome-error://**", timeout=2000)
+            raise
         finally:
             self._host_goto = None
         return {"url": self._page.url, "title": await self._page.title(),
