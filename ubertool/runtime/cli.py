@@ -264,12 +264,15 @@ def policy() -> None:
 @policy.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 def check(file: str) -> None:
-    """Validate FILE; print each problem with its key path."""
+    """Validate FILE; print each problem with its key path, and warnings (on stderr, exit 0)."""
     try:
-        load_policy(file)
+        checked = load_policy(file)
     except PolicyError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
+    browser = checked.tools.browser
+    for warning in browser.warnings() if browser is not None else ():
+        click.echo(f"{file}: warning: {warning}", err=True)
     click.echo(f"{file}: ok")
 
 

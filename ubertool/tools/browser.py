@@ -35,7 +35,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ubertool.tools import ToolFailure
 from ubertool.tools.broker import Broker
@@ -103,6 +103,16 @@ class BrowserSpec(BaseModel):
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
                 raise ValueError(f"{value!r} is not an origin such as 'https://example.com'")
         return tuple(origin_of(v) for v in values)
+
+    @model_validator(mode="after")
+    def _credentials_on_origins(self) -> BrowserSpec:
+        # Keys are compared with request origins: make them the same form (explicit port).
+        credentials = {origin_of(origin): name for origin, name in self.credentials.items()}
+        for origin in credentials:
+            if origin not in self.origins:
+                raise ValueError(f"credentials: {origin} is not one of tools.browser.origins")
+        object.__setattr__(self, "credentials", credentials)
+        return self
 
     def warnings(self) -> tuple[str, ...]:
         """What an operator should know about this section (for `ubertool policy check`)."""
