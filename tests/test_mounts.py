@@ -385,3 +385,24 @@ def test_the_address_checked_is_the_address_connected_to(
     assert response.status_code == 200 and response.content == b"hello from the api"
     assert checked == ["127.0.0.1"]
     assert ("GET", "/v1/hello.txt", None) in state.log
+
+
+async def test_an_upstream_tools_structured_result_is_redacted(
+        api: tuple[str, ApiState], policy_file: Callable[[str], Path], tmp_path: Path) -> None:
+    import sys
+
+    url, state = api
+    state.required_token = TOKEN
+    secret = tmp_path / "token.txt"
+    secret.write_text(TOKEN)
+    upstream = Path(__file__).with_name("upstream_server.py")
+    policy = policy_file(mount(url, "credential = 'apitoken'")
+                         + f"[credentials.apitoken]\nsource = 'file'\nfile = '{secret}'\n"
+                         f"[tools.mcp.files]\ncommand = ['{sys.executable}', '{upstream}']\n"
+                         "allow = ['read_text']\n")
+    async with run_with(policy) as run:
+        await value(run, "open('/remote/api/hello.txt').read()")  # the token is in use from here on
+        # Reversed, it would pass the redaction of the cell's output: the guest must not get it at all.
+        echoed = await value(run, "from ubertool import mcp\n"
+                                  f"mcp.call('files', 'read_text', path='{secret}')['text'][::-1]")
+        assert echoed == repr("[redacted:apitoken]"[::-1])
