@@ -154,6 +154,11 @@ _SPECIAL = {
     "/echo-auth": lambda h, s: h._send(200, (h.headers.get("Authorization") or "none").encode()),
     "/redirect-out": lambda h, s: h._send(302, b"", {"Location": s.other_origin + "/v1/hello.txt"}),
     "/redirect-in": lambda h, s: h._send(302, b"", {"Location": "/v1/hello.txt"}),
+    "/redirect-up": lambda h, s: h._send(302, b"", {"Location": "/admin/secret"}),
+    "/redirect-dots": lambda h, s: h._send(302, b"", {"Location": "/v1/%2e%2e/admin/secret"}),
+    # An echo of the token the request carried, in the user info of a redirect elsewhere.
+    "/redirect-userinfo": lambda h, s: h._send(302, b"", {"Location": s.other_origin.replace(
+        "://", f"://user:{(h.headers.get('Authorization') or '').removeprefix('Bearer ')}@") + "/x"}),
 }
 
 

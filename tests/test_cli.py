@@ -91,6 +91,18 @@ def test_policy_check(tmp_path: Path) -> None:
                            "does not have)\n")
 
 
+def test_policy_check_warns_when_credentialed_screenshots_are_allowed(tmp_path: Path) -> None:
+    policy = tmp_path / "shots.toml"
+    policy.write_text("[tools.browser]\norigins = ['https://app.example']\ncredentialed_screenshots = true\n"
+                      "credentials = { 'https://app.example' = 'app' }\n"
+                      "[credentials.app]\nsource = 'env'\nenv = 'APP_TOKEN'\n")
+    done = ubertool("policy", "check", str(policy))
+    assert (done.returncode, done.stdout) == (0, f"{policy}: ok\n")
+    assert done.stderr == (f"{policy}: warning: tools.browser.credentialed_screenshots = true: "
+                           "screenshots of pages on https://app.example:443 may show what the credential "
+                           "opens, or the secret itself, and redaction cannot remove text from pixels\n")
+
+
 def test_policy_show_prints_the_effective_policy_as_toml(tmp_path: Path) -> None:
     import tomllib
 

@@ -284,3 +284,125 @@ async def test_audit_records_each_request(api: tuple[str, ApiState], policy_file
     event: dict[str, Any] = next(e for e in map(json.loads, lines) if e["event"] == "http_request")
     assert (event["mount"], event["method"], event["status"], event["bytes_in"]) == ("api", "GET", 200, 18)
     assert event["url"] == f"{url}/v1/hello.txt" and event["duration_s"] > 0
+
+
+@pytest.mark.parametrize("path", ["redirect-up", "redirect-dots"])
+async def test_a_redirect_cannot_leave_the_base_path(
+        api: tuple[str, ApiState], policy_file: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
+        path: str) -> None:
+    url, state = api
+    state.required_token = TOKEN
+    monkeypatch.setenv("API_TOKEN", TOKEN)
+    async with run_with(policy_file(token_policy(url))) as run:
+        kind, notes = await failure(run, f"open('/remote/api/{path}').read()")
+        assert kind == "PermissionError"
+        assert notes[0].startswith("mount api: redirect out of the base URL's path /v1/ refused"), notes
+    assert not any(not logged.startswith("/v1/") for _, logged, _ in state.log), state.log
+
+
+async def test_a_token_echoed_into_a_refused_redirect_is_stored_redacted(
+        api: tuple[str, ApiState], policy_file: Callable[[str], Path],
+        monkeypatch: pytest.MonkeyPatch, _isolated_home: Path) -> None:
+    from ubertool.runtime.journal import Journal, default_journal_path, encode_exchanges
+
+    url, state = api
+    state.required_token = TOKEN
+    monkeypatch.setenv("API_TOKEN", TOKEN)
+    with Journal(default_journal_path()) as journal:
+        async with open_run(load_policy(policy_file(token_policy(url))), journal=journal) as run:
+            kind, notes = await failure(run, "open('/remote/api/redirect-userinfo').read()")
+            assert kind == "PermissionError" and TOKEN not in str(notes)
+            cells = journal.cells(run.id)
+    stored = "".join(encode_exchanges(cell.exchanges) for cell in cells)
+    assert "redirect to another origin refused" in stored
+    assert TOKEN not in stored
+    assert TOKEN not in next(_isolated_home.glob("runs/*/audit.jsonl")).read_text()
+
+
+@pytest.mark.parametrize(("address", "private"), [
+    ("100.64.0.1", True), ("100.100.100.200", True), ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.1", True),
+    ("169.254.169.254", True), ("fe80::1", True), ("fc00::1", True), ("224.0.0.251", True),
+    ("ff02::1", True), ("240.0.0.1", True), ("0.0.0.0", True), ("::", True), ("192.0.2.1", True),
+    ("8.8.8.8", False), ("2606:4700:4700::1111", False), ("::ffff:8.8.8.8", False)])
+def test_private_means_anything_not_globally_routable(address: str, private: bool) -> None:
+    from ubertool.tools.mounts.http import is_private
+
+    assert is_private(address) is private
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Names under .test resolve to the addresses queued for them, one answer per lookup (the
+    last answer repeats), as a rebinding DNS server answers."""
+    import socket
+
+    answers: dict[str, list[str]] = {}
+    real = socket.getaddrinfo
+
+    def lookup(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".test"):
+            queued = answers[host]
+            address = queued.pop(0) if len(queued) > 1 else queued[0]
+            return real(address, port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    return answers
+
+
+async def test_shared_and_mapped_addresses_are_refused_before_connecting(
+        api: tuple[str, ApiState], policy_file: Callable[[str], Path],
+        resolver: dict[str, list[str]]) -> None:
+    port = api[0].rsplit(":", 1)[1]
+    for address in ("100.64.0.1", "::ffff:127.0.0.1"):
+        resolver["metadata.test"] = [address]
+        async with run_with(policy_file(mount(f"http://metadata.test:{port}"))) as run:
+            kind, notes = await failure(run, "open('/remote/api/hello.txt').read()")
+            assert kind == "PermissionError"
+            assert f"metadata.test resolves to a private address {address}" in notes[0]
+
+
+def test_the_address_checked_is_the_address_connected_to(
+        api: tuple[str, ApiState], resolver: dict[str, list[str]]) -> None:
+    import httpx
+
+    from ubertool.tools.mounts.http import PinnedTransport
+
+    url, state = api
+    port = url.rsplit(":", 1)[1]
+    checked: list[str] = []
+
+    def check(host: str, address: str) -> None:
+        checked.append(address)
+        if address != "127.0.0.1":
+            raise PermissionError(f"{address} refused")
+
+    # First answer passes the check; every later lookup would point elsewhere (nothing listens
+    # on 127.0.0.3). A second lookup between check and connect would reach the wrong address.
+    resolver["rebind.test"] = ["127.0.0.1", "127.0.0.3"]
+    with httpx.Client(transport=PinnedTransport(check), trust_env=False) as client:
+        response = client.get(f"http://rebind.test:{port}/v1/hello.txt")
+    assert response.status_code == 200 and response.content == b"hello from the api"
+    assert checked == ["127.0.0.1"]
+    assert ("GET", "/v1/hello.txt", None) in state.log
+
+
+async def test_an_upstream_tools_structured_result_is_redacted(
+        api: tuple[str, ApiState], policy_file: Callable[[str], Path], tmp_path: Path) -> None:
+    import sys
+
+    url, state = api
+    state.required_token = TOKEN
+    secret = tmp_path / "token.txt"
+    secret.write_text(TOKEN)
+    upstream = Path(__file__).with_name("upstream_server.py")
+    policy = policy_file(mount(url, "credential = 'apitoken'")
+                         + f"[credentials.apitoken]\nsource = 'file'\nfile = '{secret}'\n"
+                         f"[tools.mcp.files]\ncommand = ['{sys.executable}', '{upstream}']\n"
+                         "allow = ['read_text']\n")
+    async with run_with(policy) as run:
+        await value(run, "open('/remote/api/hello.txt').read()")  # the token is in use from here on
+        # Reversed, it would pass the redaction of the cell's output: the guest must not get it at all.
+        echoed = await value(run, "from ubertool import mcp\n"
+                                  f"mcp.call('files', 'read_text', path='{secret}')['text'][::-1]")
+        assert echoed == repr("[redacted:apitoken]"[::-1])

@@ -1,5 +1,7 @@
 """A small MCP server the host-tool tests start as an upstream (stdio)."""
 
+from pathlib import Path
+
 from fastmcp import FastMCP
 from fastmcp.exceptions import ToolError
 
@@ -22,6 +24,12 @@ def search_issues(query: str, limit: int = 3) -> dict:
 def explode(reason: str) -> str:
     """Always fails, with the reason."""
     raise ToolError(f"exploded: {reason}")
+
+
+@server.tool
+def read_text(path: str) -> dict:
+    """A text file on the upstream's host (an upstream can read, and echo, what the host holds)."""
+    return {"path": path, "text": Path(path).read_text()}
 
 
 @server.tool

@@ -347,7 +347,7 @@ def policy() -> None:
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="The policy file (or give it "
               "as FILE).")
 def check(file: str | None, policy_path: str | None) -> None:
-    """Validate FILE; print each problem with its key path (exit 2), and warnings (exit 0)."""
+    """Validate FILE; print each problem with its key path (exit 2), and warnings (on stderr, exit 0)."""
     if (file is None) == (policy_path is None):
         raise click.UsageError("give the policy file once: `ubertool policy check FILE` or --policy FILE")
     file = file or policy_path

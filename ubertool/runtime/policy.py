@@ -423,6 +423,8 @@ def policy_warnings(policy: Policy) -> list[str]:
     if jailed and (problem := bwrap_problem()):
         warnings.append(f"tools.programs ({', '.join(jailed)}): {problem}; until then these programs "
                         "are refused")
+    if policy.tools.browser is not None:
+        warnings += list(policy.tools.browser.warnings())
     for index, mount in enumerate(policy.mounts):
         credential = policy.credentials.get(getattr(mount, "credential", None) or "")
         if credential is None or credential.methods is None or isinstance(mount, DirMount):

@@ -224,7 +224,7 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
     Raises:
         PackageError: the policy's packages cannot be given (named), e.g. offline and not cached.
     """
-    recorder = Recorder()
+    recorder = Recorder(redactor)  # what the journal keeps is redacted as the guest sees it
     folders = [HostFolder(g.host, g.guest) for g in policy.grants]
     folders += [HostFolder(m.host, m.guest, m.writable) for m in policy.mounts if isinstance(m, DirMount)]
     with ExitStack() as stack:

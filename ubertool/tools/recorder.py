@@ -10,6 +10,9 @@ it) is performed once per run: a repeat is answered from the run's answers and i
 exchange, until `forget` drops that answer (a write to the same place). Replaying follows the
 same rule, so it asks the recording for exactly what was recorded. In a recording, reusable
 exchanges are matched by request wherever they stand; the others in order.
+
+With a `Redactor`, every exchange passes it before it is kept or answered: the journal, the
+playbooks dumped from it and the guest all get the same redacted record, live or replayed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 from ubertool.tools import ToolFailure
 from ubertool.tools.files import open_private, private_folder
+from ubertool.tools.redact import Redactor
 
 Json = dict[str, Any]
 
@@ -139,7 +143,8 @@ class _Replay:
 class Recorder:
     """Records a session's exchanges; thread-safe (a cell's turn runs on a worker thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        self._redactor = redactor
         self._log: list[Exchange] = []
         self._answers: dict[str, Json] = {}
         self._replay: _Replay | None = None
@@ -168,12 +173,15 @@ class Recorder:
 
     def exchange(self, kind: str, request: Json, perform: Callable[[], Json], *,
                  reusable: bool = False) -> Json:
-        """The response to `request`: performed and recorded live, or read from the recording.
-        A `reusable` request already answered in this run is answered again, unrecorded.
+        """The response to `request`: performed and recorded live, or read from the recording;
+        both redacted when the recorder has a redactor (a replay is matched redacted too). A
+        `reusable` request already answered in this run is answered again, unrecorded.
 
         Raises:
             ReplayMismatch: replaying, and the recording does not hold this request.
         """
+        if self._redactor is not None:
+            request = self._redactor.json(request)
         key = _key(kind, request)
         with self._lock:
             if reusable and key in self._answers:
@@ -186,6 +194,8 @@ class Recorder:
                     self._answers[key] = found.response
                 return found.response
         response = perform()
+        if self._redactor is not None:
+            response = self._redactor.json(response)
         with self._lock:
             self._log.append(Exchange(kind, request, response, reusable))
             if reusable:
@@ -206,6 +216,8 @@ class Recorder:
 
     def forget(self, kind: str, request: Json) -> None:
         """Drop the run's answer to a reusable request (something changed what it reads)."""
+        if self._redactor is not None:
+            request = self._redactor.json(request)
         with self._lock:
             self._answers.pop(_key(kind, request), None)
 

@@ -4,8 +4,11 @@ Reading `<guest>/users/42.json` GETs `<base_url>/users/42.json`. A folder is lis
 index (`listing.index`, fetched inside that folder) or from paths named in the policy
 (`listing.paths`). A file the guest writes is sent with `write_method` when it is closed (an
 empty file at the end of the cell); removing a file sends DELETE. Only the policy's methods go
-out, only to the mount's own origin: redirects elsewhere are refused, as are addresses on
-loopback or private networks unless the base URL names one itself or `allow_private` is set.
+out, only to the mount's own origin and under its base URL's path: redirects elsewhere are
+refused. So are addresses that are not globally routable (loopback, private, shared, link-local,
+multicast, reserved; IPv4-mapped IPv6 as its IPv4) unless the base URL names an address itself
+or `allow_private` is set; a host name is resolved once per connection and the address checked
+is the address connected to.
 Bodies are capped (after decompression), requests time out, idempotent ones are retried.
 Every request is recorded (`Recorder`), audited, and stripped of the run's secrets.
 """
@@ -22,8 +25,9 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, Literal
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
+import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -95,9 +99,59 @@ class _Refused(PermissionError):
     pass
 
 
-def _is_private(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
+def is_private(address: str) -> bool:
+    """Is `address` anything but a globally routable unicast address? An IPv4-mapped IPv6
+    address is judged as its IPv4 address (`::ffff:127.0.0.1` is loopback)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+            or ip.is_reserved or ip.is_unspecified)
+
+
+AddressCheck = Callable[[str, str], None]  # (host, address): raises to refuse connecting
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """httpcore's network backend that resolves a host once per connection, checks every
+    address it resolves to, and connects to one of those very addresses (no second lookup, so
+    no DNS-rebinding window). The Host header and TLS server name stay the URL's host name:
+    httpcore sets them from the URL, not from the address connected to."""
+
+    def __init__(self, check: AddressCheck) -> None:
+        self._check = check
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None, socket_options: Any = None) -> httpcore.NetworkStream:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise _Refused(errno.EPERM, f"cannot resolve {host}") from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for address in addresses:
+            self._check(host, address)
+        failure: Exception = httpcore.ConnectError(f"no address for {host}")
+        for address in addresses:
+            try:
+                return self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                failure = exc
+        raise failure
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class PinnedTransport(httpx.HTTPTransport):
+    """httpx's own transport (its pooling and error mapping) over a `PinnedBackend`."""
+
+    def __init__(self, check: AddressCheck) -> None:
+        super().__init__()
+        # httpx builds its httpcore pool with no way to pass a network backend; this is the one
+        # attribute it sends every request through (tests/test_mounts.py pins the behaviour).
+        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(),
+                                             network_backend=PinnedBackend(check))
 
 
 class HttpMount:
@@ -116,7 +170,10 @@ class HttpMount:
         self._pending: set[str] = set()  # files created empty, their content not written yet
         self._notes: list[str] = []
         self._lock = threading.Lock()
-        self._http = httpx.Client(timeout=spec.timeout_s, follow_redirects=False)
+        base_path = self._origin.path.rstrip("/")
+        self._prefix = base_path + "/"  # every request's path starts so (redirects included)
+        self._http = httpx.Client(timeout=spec.timeout_s, follow_redirects=False, trust_env=False,
+                                  transport=PinnedTransport(self._check_address))
 
     def close(self) -> None:
         self._http.close()
@@ -301,7 +358,6 @@ class HttpMount:
     def _send(self, method: str, url: str, body: bytes | None) -> Json:
         target = url
         for _ in range(_MAX_REDIRECTS + 1):
-            self._check_address(target)
             try:
                 status, data, location = self._exchange_once(method, target, body)
             except httpx.TimeoutException:
@@ -312,7 +368,7 @@ class HttpMount:
                 return {"error": "too_large"}
             if location is None:
                 return {"status": status, "body": data, "bytes": data.size}
-            target = self._same_origin(urljoin(target, location))
+            target = self._within_base(urljoin(target, location))
         raise _Refused(errno.EPERM, f"more than {_MAX_REDIRECTS} redirects from {url}")
 
     def _exchange_once(self, method: str, url: str, body: bytes | None) -> tuple[int, Body, str | None]:
@@ -340,30 +396,30 @@ class HttpMount:
                 data = self._spool.put(clean)
         return response.status_code, data, None
 
-    def _same_origin(self, url: str) -> str:
+    def _within_base(self, url: str) -> str:
+        """`url`, a redirect's target, if it is on the mount's origin and under its base path."""
         parts = urlsplit(url)
+        where = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         if (parts.scheme, parts.hostname, parts.port) != (self._origin.scheme, self._origin.hostname,
                                                            self._origin.port):
-            raise _Refused(errno.EPERM, f"redirect to another origin refused: {parts.scheme}://{parts.netloc}")
+            raise _Refused(errno.EPERM, f"redirect to another origin refused: {where}")
+        segments = unquote(parts.path).split("/")
+        if not parts.path.startswith(self._prefix) or any(s in (".", "..") for s in segments):
+            raise _Refused(errno.EPERM, f"redirect out of the base URL's path {self._prefix} refused: "
+                                        f"{parts.path[:200]}")
         return url
 
-    def _check_address(self, url: str) -> None:
-        host = urlsplit(url).hostname or ""
+    def _check_address(self, host: str, address: str) -> None:
+        """Refuse connecting to `address` (one `host` resolved to) if it is not global, unless
+        the policy names an address itself or allows private ones."""
         try:
-            ipaddress.ip_address(host)
+            ipaddress.ip_address(host.strip("[]"))
             return  # an address literal the policy itself names: allowed as written
         except ValueError:
             pass
-        if self.spec.allow_private:
-            return
-        try:
-            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-        except OSError:
-            raise _Refused(errno.EPERM, f"cannot resolve {host}") from None
-        for info in infos:
-            if _is_private(str(info[4][0])):
-                raise _Refused(errno.EPERM, f"{host} resolves to a private address {info[4][0]}; "
-                                            f"set mounts.{self.spec.name}.allow_private to allow it")
+        if not self.spec.allow_private and is_private(address):
+            raise _Refused(errno.EPERM, f"{host} resolves to a private address {address}; "
+                                        f"set mounts.{self.spec.name}.allow_private to allow it")
 
     def _audit(self, method: str, url: str, outcome: Json, body: bytes | None, seconds: float) -> None:
         parts = urlsplit(url)
