@@ -103,7 +103,7 @@ BAD = [
     ("[tools.browser]\norigins = ['http://h/app']\n",
      "tools.browser.origins: 'http://h/app' is not an origin such as 'https://example.com'"),
     ("[tools.browser]\norigins = ['http://h']\ncredentials = { 'http://h' = 'gh' }\n",
-     "tools.browser.credentials: http://h:80 names no [credentials.gh]"),
+     "tools.browser.credentials: http://h names no [credentials.gh]"),
     ("grants = 'x'\n", "grants: Input should be a valid tuple"),
 ]
 
