@@ -218,15 +218,17 @@ async def test_the_guest_helper_describes_the_sandbox(make_config) -> None:
         assert str(result.stdout) == "Folders: /workspace (writable).\n"
 
 
-async def test_workspace_quota_fails_the_cell_that_passes_it(make_config) -> None:
+async def test_workspace_quota_refuses_the_cell_that_passes_it(make_config) -> None:
     async with SandboxSession(make_config(workspace_bytes=10_000)) as s:
         assert (await s.run("open('/workspace/small', 'wb').write(b'x' * 5000)")).status is Status.OK
         over = await s.run("open('/workspace/big', 'wb').write(b'x' * 8000)")
-        assert over.status is Status.ERROR and over.error is not None
-        assert over.error.type == "QuotaExceeded"
-        assert over.error.message == ("the workspace holds 13000 bytes, over its quota of 10000 bytes; "
-                                      "delete files to go on")
-        assert (await s.run("import os\nos.remove('/workspace/big')")).status is Status.OK
+        assert over.status is Status.DENIED
+        assert over.message == ("the cell wrote past the workspace quota of 10000 bytes (the workspace and "
+                                "/tmp together) and was stopped; it emptied /workspace/big. Delete files to "
+                                "make room")
+        sizes = await s.run("import os\nos.path.getsize('/workspace/small'), "
+                            "os.path.getsize('/workspace/big')")
+        assert str(sizes.value) == "(5000, 0)"  # what fit before stays; what passed it is emptied
 
 
 async def test_open_files_are_capped_per_session(make_config) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import load_policy
 from ubertool.runtime.runs import open_run
 from ubertool.sandbox import Status
+from ubertool.sandbox.quota import used_bytes
 
 pytestmark = pytest.mark.anyio
 MIB = 2**20
@@ -132,7 +134,9 @@ async def test_a_deep_tree_gets_a_result_and_is_removed_at_close(_isolated_home:
         assert shallow.status is Status.OK, shallow
         # As deep as the guest's own path limit lets it go: still a result, and the session goes on.
         too_long = await run.cell(deep.format(levels=40, name="b" * 200))
-        assert too_long.status in (Status.OK, Status.ERROR) and too_long.restored is None, too_long
+        assert too_long.status in (Status.OK, Status.ERROR, Status.DENIED), too_long
+        if too_long.status is Status.DENIED:  # deeper than the host walks by path: said so
+            assert "cannot be measured" in too_long.message
         assert str((await run.cell("1 + 1")).value) == "2"
         workspace = run.workspace
     assert not workspace.exists()
@@ -163,3 +167,29 @@ async def test_a_restore_from_an_image_still_answers_reads_made_before_it(api: t
         assert stopped.restored.ok, stopped.restored
         assert str((await run.cell("first, again")).value) == "('v1', 'v1')"
     assert gets(state, "/note.txt") == 1
+
+
+@pytest.mark.parametrize("target", ["/workspace/big.bin", "/tmp/big.bin"])
+async def test_the_quota_holds_during_a_cell(_isolated_home: Path, tmp_path: Path, target: str) -> None:
+    """A cell writing far past the quota (the workspace and /tmp together) is stopped while it
+    writes, refused, and the folders are within the quota after it, as after every cell."""
+    path = tmp_path / "policy.toml"
+    path.write_text("[workspace]\nquota_mib = 20\n")
+    write = (f"f = open({target!r}, 'wb')\nchunk = b'x' * 2**20\n"
+             "for _ in range(2000):\n    f.write(chunk)\n    f.flush()\n")
+    async with open_run(load_policy(path)) as run:
+        assert (await run.cell("open('/workspace/kept.txt', 'w').write('kept')\nx = 41")).status is Status.OK
+        started = time.monotonic()
+        result = await run.cell(write, timeout_s=60)
+        seconds = time.monotonic() - started
+        assert result.status is Status.DENIED, result
+        assert "wrote past the workspace quota" in result.message and target in result.message
+        assert seconds < 30  # stopped long before it would have written 2 GB
+        assert str((await run.cell("x + 1, open('/workspace/kept.txt').read()")).value) == "(42, 'kept')"
+        session = run.session
+        assert used_bytes(session._counted()) <= 20 * MIB
+        # Cells that each fit, but not together: the second is refused and emptied.
+        first = await run.cell("open('/workspace/a.bin', 'wb').write(b'a' * 12 * 2**20)")
+        second = await run.cell("open('/workspace/b.bin', 'wb').write(b'b' * 12 * 2**20)")
+        assert (first.status, second.status) == (Status.OK, Status.DENIED)
+        assert used_bytes(session._counted()) <= 20 * MIB

@@ -17,7 +17,8 @@ class Status(StrEnum):
     - `memory`: it ran out of the session's memory (a `MemoryError` in the guest).
     - `output_truncated`: it ran to its end, but wrote more than the output cap.
     - `cancelled`: it was interrupted (Ctrl-C, a client's cancellation); the state was restored.
-    - `denied`: the policy refused it before it ran (for example, code over the size cap).
+    - `denied`: the policy refused it: before it ran (code over the size cap), or while it
+      ran (it wrote past the workspace quota: it was stopped, and what it wrote emptied).
     - `crashed`: the interpreter died under it (a trap, `os._exit`, `exit()`, a broken
       guest runtime); the state was restored from the earlier cells.
     """

@@ -26,7 +26,7 @@ import logging
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -40,6 +40,7 @@ from ubertool.tools.recorder import Checkpoint, Exchange
 
 from . import engine
 from .config import SandboxConfig
+from .quota import QuotaWatch, trim
 from .result import COMPLETED, CellError, CellResult, RestoreReport, Status, Text
 from .workspace import set_aside
 
@@ -230,7 +231,9 @@ class SandboxSession:
         assert self._interp is not None
         source = engine.cell_source(number, code, echo=echo, value_cap=self.config.limits.output_bytes)
         started = time.perf_counter()
-        turn = engine.run_turn(self._interp, source, timeout, cancel, soft=self._soft)
+        quota = self.config.limits.workspace_bytes
+        with QuotaWatch(self._counted(), quota, cancel) if quota is not None else nullcontext() as watch:
+            turn = engine.run_turn(self._interp, source, timeout, cancel, soft=self._soft)
         notes, write_error = self._end_of_cell()
         duration = time.perf_counter() - started
         out = engine.read_outcome(turn, timeout, self.config.limits.output_bytes)
@@ -238,9 +241,7 @@ class SandboxSession:
             notes.append(out.note)
         if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
-        over = self._over_quota()
-        if over and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
-            out = replace(out, status=Status.ERROR, error=CellError("QuotaExceeded", over, over))
+        over = self._over_quota(watch)
         exchanges = self.config.recorder.take()
         restored = None
         if out.kept:  # a soft interrupt: what the cell did so far stays, and becomes the base
@@ -250,27 +251,44 @@ class SandboxSession:
         elif out.status in COMPLETED:
             self._history.append(_Cell(number, code, echo, out.status, exchanges, duration))
             self._maybe_image()
+        status, message = out.status, out.message
+        if over and (watch.tripped or status not in (Status.TIMEOUT, Status.CANCELLED)):
+            status, message = Status.DENIED, over  # a cell that wrote past the quota is refused
+        elif over:
+            notes.append(over)
         return CellResult(
-            cell=number, status=out.status, stdout=out.stdout, stderr=out.stderr,
-            value=out.value, error=out.error, duration_s=duration, message=out.message,
+            cell=number, status=status, stdout=out.stdout, stderr=out.stderr,
+            value=out.value, error=out.error, duration_s=duration, message=message,
             images=out.images, notes=tuple(notes), exchanges=exchanges, restored=restored,
         )
 
-    def _over_quota(self) -> str:
-        """Why the workspace is over its quota, or ''."""
+    def _counted(self) -> list[Path]:
+        """The folders the quota counts: the workspace and the private root (/tmp, HOME)."""
+        return [self.config.workspace, *([self._root] if self._root is not None else [])]
+
+    def _over_quota(self, watch: QuotaWatch | None) -> str:
+        """After a cell: if the counted folders are over the quota, empty what the cell wrote
+        until they fit, and say so; else ''."""
         quota = self.config.limits.workspace_bytes
-        if quota is None:
+        if quota is None or watch is None:
             return ""
         try:
-            used = sum(entry.stat(follow_symlinks=False).st_size for entry in iter_tree(self.config.workspace)
-                       if not entry.is_dir(follow_symlinks=False))
+            emptied = trim(self._counted(), quota, watch.started)
         except OSError as exc:
             return (f"the workspace cannot be measured ({exc.strerror or exc}): its folders go deeper or its "
                     "paths longer than the host can walk; remove the deep folders to go on")
-        if used <= quota:
+        if not emptied and not watch.tripped:
             return ""
-        return (f"the workspace holds {used} bytes, over its quota of {quota} bytes; "
-                "delete files to go on")
+        names = ", ".join(self._guest_path(Path(p)) for p in emptied[:5]) + (" ..." * (len(emptied) > 5))
+        return (f"the cell wrote past the workspace quota of {quota} bytes (the workspace and /tmp together) "
+                f"and was stopped; {'it emptied ' + names if emptied else 'nothing needed emptying'}. "
+                "Delete files to make room")
+
+    def _guest_path(self, host: Path) -> str:
+        """Where the guest sees a host path of the counted folders."""
+        if host.is_relative_to(self.config.workspace):
+            return str(Path(self.config.workspace_guest) / host.relative_to(self.config.workspace))
+        return "/" + str(host.relative_to(self._root)) if self._root is not None else str(host)
 
     def _end_of_cell(self) -> tuple[list[str], str]:
         """Write back what mounts hold for this cell; the providers' notes and a write error."""
