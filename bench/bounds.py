@@ -1,4 +1,4 @@
-"""What a guest can make the host hold: a 1 MiB mount file read once, then 200 times in one cell.
+"""What a guest can make the host hold: a 1 MiB mount file read 200 times; 1 GiB written under a quota.
 
 Prints the host's RSS growth and the journal's growth beside the file's own size (the floor:
 one copy), measured in this run; asserts nothing. Target (issue 13): under 20 MiB each.
@@ -67,6 +67,25 @@ async def bench(reads: int, folder: Path) -> None:
           "target < 20)")
 
 
+async def quota_bench(folder: Path) -> None:
+    """A cell writing 1 GiB in 1 MiB chunks under a 100 MiB quota: when it is stopped, and how
+    far past the quota it got (what it had written, read back from its own counter)."""
+    policy = folder / "quota.toml"
+    policy.write_text("[workspace]\nquota_mib = 100\n")
+    async with open_run(load_policy(policy)) as run:
+        started = time.perf_counter()
+        code = ("written = 0\nf = open('/workspace/big.bin', 'wb')\nchunk = b'x' * 2**20\n"
+                "for _ in range(1024):\n    f.write(chunk)\n    f.flush()\n    written += 2**20")
+        result = await run.cell(code, timeout_s=120)
+        seconds = time.perf_counter() - started
+        written = (await run.cell("written")).value
+    over = (int(str(written)) - 100 * MIB) / MIB if written is not None else float("nan")
+    print(f"1 GiB written under a 100 MiB quota ({result.status})")
+    print(f"  stopped after    {seconds:8.2f} s")
+    print(f"  overshoot        {over:8.1f} MiB   (target: at most 10 MiB, 10% of the quota; "
+          "nan: the stop was a rollback)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=200)
@@ -75,6 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("UBERTOOL_HOME", str(Path(tmp) / "home"))
         anyio.run(bench, args.reads, Path(tmp))
+        anyio.run(quota_bench, Path(tmp))
 
 
 if __name__ == "__main__":
