@@ -371,7 +371,7 @@ def open_from_image(config: SandboxConfig, root: Path, image: Image) -> tuple[wa
 
 
 SOFT_GRACE_S = 1.0  # how long a cell has to stop at a KeyboardInterrupt before the hard stop
-_WATCH_S = 0.05  # how often the watcher looks at the cell's clock and its cancel
+_WATCH_S = 0.002  # how often the watcher checks the clock and cancel (a quota stop waits on it)
 
 
 def soft_interrupts_off() -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ubertool.tools.files import iter_tree
 
-POLL_S = 0.01
+POLL_S = 0.002
 MAX_POLL_S = 0.5
 
 
