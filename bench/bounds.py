@@ -61,8 +61,8 @@ async def bench(reads: int, folder: Path) -> None:
         requests = sum(1 for method, _, _ in state.log if method == "GET")
     print(f"{reads} reads of one cached 1 MiB file in one cell ({result.status}, {seconds:.2f} s, "
           f"{requests} request(s) sent)")
-    print(f"  host RSS growth   {rss_after - rss_before:8.1f} MiB   (floor: 0; target < 20; with session images "
-          "on this includes the image a long cell leaves, one copy of the guest's memory: "
+    print(f"  host RSS growth   {rss_after - rss_before:8.1f} MiB   (floor: 0; target < 20; with session "
+          "images on this includes the image a long cell leaves, one copy of the guest's memory: "
           "UBERTOOL_IMAGES_SELFTEST=fail measures the reads alone)")
     print(f"  journal growth    {journal_after - journal_before:8.1f} MiB   (floor: the file once, 1.0; "
           "target < 20)")
