@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 # ubertool playbook: replay it with `ubertool replay THIS_FILE [-p NAME=VALUE ...]`, or run it directly.
-# ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:11+00:00", "format": 2, "mounts": [], "name": "primes", "params": ["limit"], "policy": null, "policy_sha256": "f5532b0f5adbb45af49bb1d94639cf9030a2c218baa296b9c2eae4ff9b03bcdf", "recording": "primes.recording.json", "run": "20261122T204643-bb2b1333", "ubertool": "ubertool"}
+# ubertool-playbook: {"credentials": [], "dumped": "2026-11-22T20:47:11+00:00", "format": 2, "mounts": [], "name": "primes", "params": ["limit"], "policy": null, "policy_sha256": "dc564476afcdfc73809f1da1ae828267a1d920ee359416c0fbd810374d34a9a0", "recording": "primes.recording.json", "run": "20261122T204643-bb2b1333", "ubertool": "ubertool"}
 #
 # primes: Count the primes up to a limit with a numpy sieve
 #
 # Source: run 20261122T204643-bb2b1333
-# Policy: <embedded default policy> (sha256:f5532b0f5adbb45a)
+# Policy: <embedded default policy> (sha256:dc564476afcdfc73)
 # Mounts: none
 # Credentials: none
 # Parameters: limit (default 100)

@@ -4,6 +4,7 @@ files), and the journal is pruned."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import time
@@ -193,3 +194,31 @@ async def test_the_quota_holds_during_a_cell(_isolated_home: Path, tmp_path: Pat
         second = await run.cell("open('/workspace/b.bin', 'wb').write(b'b' * 12 * 2**20)")
         assert (first.status, second.status) == (Status.OK, Status.DENIED)
         assert used_bytes(session._counted()) <= 20 * MIB
+
+
+async def test_a_host_memory_budget_closes_idle_sessions_before_refusing(_isolated_home: Path,
+                                                                          tmp_path: Path) -> None:
+    """Sessions hold guest memory (and images) on the host: past `limits.host_memory_mib` a new
+    session first closes the least recently used idle one, and is refused only when all are busy."""
+    from ubertool.runtime.sessions import NEW_SESSION_BYTES, SessionError, SessionManager
+
+    path = tmp_path / "policy.toml"
+    path.write_text("[limits]\nhost_memory_mib = 256\nmax_sessions = 64\n"
+                    "[server]\nmax_sessions_per_principal = 64\n")
+    async with SessionManager(load_policy(path)).running() as manager:
+        handles = []
+        for _ in range(8):
+            async with manager.use(None, None) as (handle, run):
+                await run.cell("x = bytearray(8 * 2**20)")
+                handles.append(handle)
+            assert manager.host_bytes() + NEW_SESSION_BYTES <= 256 * 2**20 + run.session.host_bytes
+        assert len(manager._live) < 8 and handles[0] not in manager._live  # the oldest went first
+        assert handles[-1] in manager._live
+        async with manager.use(handles[-1], None):
+            busy_cells = [manager.use(h, None) for h in list(manager._live) if h != handles[-1]]
+            async with contextlib.AsyncExitStack() as stack:
+                for hold in busy_cells:
+                    await stack.enter_async_context(hold)
+                with pytest.raises(SessionError, match=r"limits\.host_memory_mib"):
+                    async with manager.use(None, None):
+                        pass

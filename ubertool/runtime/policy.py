@@ -63,6 +63,8 @@ class Limits(_Section):
     session_idle_s: PositiveSeconds = 900.0
     session_lifetime_s: PositiveSeconds = 3600.0
     max_sessions: int = Field(16, ge=1, le=1024)
+    # What one server's sessions may hold on the host together (guest memory and images).
+    host_memory_mib: int = Field(8192, ge=256, le=1024 * 1024)
 
     @model_validator(mode="after")
     def _timeouts_ordered(self) -> Limits:

