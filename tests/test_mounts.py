@@ -197,13 +197,13 @@ async def test_token_exchange_asks_for_a_narrowed_token(
 @pytest.mark.parametrize(("path", "extra", "kind", "note"), [
     ("redirect-out", "", "PermissionError",
      "mount api: redirect to another origin refused: http://127.0.0.2:"),
-    ("big", "max_bytes = 1_000_000", "OSError", ""),
-    ("bomb", "max_bytes = 1_000_000", "OSError", ""),
-    ("slow", "", "TimeoutError", ""),
+    ("big", "max_bytes = 1_000_000", "OSError", "mount api: /big: over the mount's max_bytes (1000000)"),
+    ("bomb", "max_bytes = 1_000_000", "OSError", "mount api: /bomb: over the mount's max_bytes (1000000)"),
+    ("slow", "", "TimeoutError", "mount api: GET /slow timed out after 1 s (mounts.api.timeout_s)"),
     ("fail", "", "OSError", "mount api: GET /fail answered HTTP 500"),
-    ("truncated", "", "OSError", ""),
-    ("reset", "", "OSError", ""),
-    ("garbage", "", "OSError", ""),
+    ("truncated", "", "OSError", "mount api: GET /truncated failed: "),
+    ("reset", "", "OSError", "mount api: GET /reset failed: "),
+    ("garbage", "", "OSError", "mount api: GET /garbage failed: "),
 ])
 async def test_refusals_and_backend_faults(api: tuple[str, ApiState], policy_file: Callable[[str], Path],
                                            path: str, extra: str, kind: str, note: str) -> None:
@@ -211,8 +211,7 @@ async def test_refusals_and_backend_faults(api: tuple[str, ApiState], policy_fil
     async with run_with(policy_file(mount(url, extra))) as run:
         got, notes = await failure(run, f"open('/remote/api/{path}', 'rb').read()")
         assert got == kind
-        if note:
-            assert any(n.startswith(note) for n in notes), notes
+        assert any(n.startswith(note) for n in notes), notes  # the guest's errno, and the reason
         assert await value(run, "open('/remote/api/hello.txt').read()") == "'hello from the api'"
     if path == "fail":
         assert state.hits["/v1/fail"] == 1  # a 500 is not one of the statuses worth retrying
@@ -406,3 +405,16 @@ async def test_an_upstream_tools_structured_result_is_redacted(
         echoed = await value(run, "from ubertool import mcp\n"
                                   f"mcp.call('files', 'read_text', path='{secret}')['text'][::-1]")
         assert echoed == repr("[redacted:apitoken]"[::-1])
+
+
+async def test_an_unauthorized_answer_says_so(api: tuple[str, ApiState],
+                                              policy_file: Callable[[str], Path]) -> None:
+    """The guest gets the errno its `errno` module knows; the cell's notes say what the server said."""
+    url, state = api
+    state.required_token = TOKEN  # and the mount sends none
+    async with run_with(policy_file(mount(url))) as run:
+        result = await run.cell("import errno\ntry:\n    open('/remote/api/hello.txt').read()\n"
+                                "except PermissionError as e:\n    print(e.errno == errno.EACCES)")
+    assert str(result.stdout) == "True\n"
+    assert result.notes == ("mount api: GET /hello.txt answered HTTP 401 Unauthorized (check the mount's "
+                            "credential)",)

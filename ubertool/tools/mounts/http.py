@@ -40,6 +40,7 @@ _METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 _RETRY_STATUS = frozenset({502, 503, 504})
 _MAX_REDIRECTS = 5
+_REASONS = {401: "Unauthorized (check the mount's credential)", 403: "Forbidden", 405: "Method Not Allowed"}
 
 
 class Listing(BaseModel):
@@ -305,6 +306,12 @@ class HttpMount:
             self._recorder.forget("http", self._request("GET", url, None))
         return self._answer(response, method, path)
 
+    def _failed(self, kind: type[OSError], number: int, what: str) -> OSError:
+        """An error for the guest, with `what` kept as a note of the cell."""
+        with self._lock:
+            self._notes.append(f"mount {self.spec.name}: {what}")
+        return kind(number, what)
+
     def _request(self, method: str, url: str, body: bytes | None) -> Json:
         return {"mount": self.spec.name, "method": method, "url": url,
                 "body_sha256": hashlib.sha256(body).hexdigest() if body is not None else None}
@@ -313,20 +320,23 @@ class HttpMount:
         status, error = response.get("status"), response.get("error")
         if error == "refused":
             raise self._refuse(response.get("message", "refused"))
+        # The guest sees only an errno; what happened goes to the cell's [ubertool] notes.
         if error == "timeout":
-            raise TimeoutError(errno.ETIMEDOUT, f"{method} {path} timed out")
+            raise self._failed(TimeoutError, errno.ETIMEDOUT, f"{method} {path} timed out after "
+                               f"{self.spec.timeout_s:g} s (mounts.{self.spec.name}.timeout_s)")
         if error == "too_large":
-            raise OSError(errno.EFBIG, f"{path}: over the mount's max_bytes ({self.spec.max_bytes})")
+            raise self._failed(OSError, errno.EFBIG,
+                               f"{path}: over the mount's max_bytes ({self.spec.max_bytes})")
         if error is not None:
-            raise OSError(errno.EIO, f"{method} {path} failed: {response.get('message', error)}")
+            raise self._failed(OSError, errno.EIO,
+                               f"{method} {path} failed: {response.get('message', error)}")
         if status == 404:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
         if status in (401, 403, 405):
-            raise PermissionError(errno.EACCES, f"{method} {path}: HTTP {status}", path)
+            raise self._failed(PermissionError, errno.EACCES, f"{method} {path} answered HTTP {status} "
+                               f"{_REASONS.get(status, '')}".rstrip())
         if status is None or not 200 <= status < 300:
-            with self._lock:
-                self._notes.append(f"mount {self.spec.name}: {method} {path} answered HTTP {status}")
-            raise OSError(errno.EIO, f"{method} {path}: HTTP {status}")
+            raise self._failed(OSError, errno.EIO, f"{method} {path} answered HTTP {status}")
         body = response.get("body", b"")
         return body.read() if isinstance(body, Body) else bytes(body)
 
