@@ -418,3 +418,21 @@ async def test_an_unauthorized_answer_says_so(api: tuple[str, ApiState],
     assert str(result.stdout) == "True\n"
     assert result.notes == ("mount api: GET /hello.txt answered HTTP 401 Unauthorized (check the mount's "
                             "credential)",)
+
+
+async def test_writes_can_be_limited_to_part_of_a_mount(api: tuple[str, ApiState],
+                                                        policy_file: Callable[[str], Path]) -> None:
+    url, state = api
+    policy = policy_file(mount(url, "writable = true\nmethods = ['GET', 'PUT', 'DELETE']\n"
+                                    "write_paths = ['reports/*']"))
+    async with run_with(policy) as run:
+        ok = await run.cell("open('/remote/api/reports/q1/total.txt', 'w').write('17')")
+        assert ok.status is Status.OK and state.files["/reports/q1/total.txt"] == b"17"
+        kind, notes = await failure(run, "open('/remote/api/sales.csv', 'w').write('gone')")
+        assert kind == "PermissionError"
+        assert notes[0] == ("mount api: /sales.csv: not a place this mount may write (policy "
+                            "mounts.api.write_paths allows reports/*)")
+        kind, _ = await failure(run, "import os\nos.remove('/remote/api/hello.txt')")
+        assert kind == "PermissionError"
+    assert state.files["/sales.csv"].startswith(b"region") and "/hello.txt" in state.files
+    assert not [entry for entry in state.log if entry[0] in ("PUT", "DELETE") and "reports" not in entry[1]]

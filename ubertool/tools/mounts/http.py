@@ -16,6 +16,7 @@ Every request is recorded (`Recorder`), audited, and stripped of the run's secre
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import ipaddress
 import json
@@ -76,6 +77,9 @@ class HttpMountSpec(BaseModel):
     max_bytes: int = Field(10 * 2**20, ge=1, le=2**31)
     retries: int = Field(2, ge=0, le=10)
     allow_private: bool = False
+    # Where a writable mount may be written (files sent, removed), as globs on the path within
+    # the mount ("reports/*"; `*` also matches '/'); None: anywhere.
+    write_paths: tuple[str, ...] | None = Field(None, strict=False)
 
     @field_validator("base_url")
     @classmethod
@@ -209,7 +213,14 @@ class HttpMount:
             return b""
         return self._call("GET", path)
 
+    def _may_write(self, path: str) -> None:
+        patterns = self.spec.write_paths
+        if patterns is not None and not any(fnmatch.fnmatchcase(path.lstrip("/"), p) for p in patterns):
+            raise self._refuse(f"{path}: not a place this mount may write (policy mounts.{self.spec.name}"
+                               f".write_paths allows {', '.join(patterns) or 'nothing'})")
+
     def write(self, path: str, data: bytes) -> None:
+        self._may_write(path)
         if not data:  # the create at open(); the content comes at close()
             self._pending.add(path)
             return
@@ -217,6 +228,7 @@ class HttpMount:
         self._call(self.spec.write_method, path, data)
 
     def remove(self, path: str) -> None:
+        self._may_write(path)
         self._pending.discard(path)
         self._call("DELETE", path)
 
