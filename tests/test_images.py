@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import anyio
 import pytest
@@ -328,3 +329,19 @@ async def test_a_deep_tree_in_the_private_root_is_walked_and_removed(
         assert str((await session.run("kept")).value) == "1"
         root = session._root
     assert root is not None and not root.exists()
+
+
+async def test_the_policy_names_a_template(_isolated_home: Path, tmp_path: Path) -> None:
+    from ubertool.runtime.policy import load_policy
+    from ubertool.runtime.runs import open_run
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[sessions]\ntemplate = ['numpy', 'json']\n")
+    values = []
+    for _ in range(2):
+        async with open_run(load_policy(policy)) as run:
+            first = await run.cell("import sys, random\n('numpy' in sys.modules, random.random())")
+            ready, value = eval(str(first.value))
+            assert ready, first
+            values.append(value)
+    assert values[0] != values[1]  # reseeded, not the template's random state

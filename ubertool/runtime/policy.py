@@ -95,6 +95,16 @@ class Workspace(_Section):
     _check_guest = field_validator("guest_path")(_guest_path)
 
 
+class Sessions(_Section):
+    """How a session starts. `template`: modules a new session finds already imported (e.g.
+    ["numpy", "pandas", "matplotlib.pyplot"]): the first session imports them once into an
+    image kept for the process, later ones start from a reseeded copy. Without session images
+    (their self-test failed) it has no effect."""
+
+    template: Annotated[tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*$")], ...],
+                        Field(strict=False)] = ()
+
+
 class JournalRetention(_Section):
     """How long and how much the journal keeps: older ended runs are pruned when a run, replay,
     shell or server opens it (`ubertool sessions prune` does it on demand). Playbooks and their
@@ -203,6 +213,7 @@ class Policy(_Section):
     limits: Limits = Limits()
     workspace: Workspace = Workspace()
     journal: JournalRetention = JournalRetention()
+    sessions: Sessions = Sessions()
     grants: Annotated[tuple[Grant, ...], Field(strict=False)] = ()
     mounts: Annotated[tuple[Mount, ...], Field(strict=False)] = ()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)

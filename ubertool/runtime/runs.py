@@ -261,7 +261,8 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
                             tools=(playbook_tool(record, recorder), *programs.tools(), *browser.tools(),
                                    *upstream.tools(), *packages.tools()),
                             limits=_limits(policy), about=about_text(policy, packages.installed),
-                            import_path=(PACKAGES_GUEST,) if packages.site is not None else ())
+                            import_path=(PACKAGES_GUEST,) if packages.site is not None else (),
+                            template=policy.sessions.template)
 
 
 @contextmanager

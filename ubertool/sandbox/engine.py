@@ -305,7 +305,7 @@ def _template_key(config: SandboxConfig) -> tuple[Any, ...]:
             tuple((m.guest, m.writable) for m in config.mounts),
             tuple(getattr(fn, "__name__", "") for fn in config.tools),
             limits.memory_bytes, limits.output_bytes, limits.open_files, limits.tool_calls,
-            config.about)
+            config.about, config.import_path)
 
 
 def _template(config: SandboxConfig) -> Image:
