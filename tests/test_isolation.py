@@ -50,9 +50,9 @@ async def test_host_files_outside_grants_are_not_readable(
 
 
 async def test_the_guest_sees_only_its_own_folders(session: SandboxSession) -> None:
-    # The private root holds /home (HOME), /tmp and /usr; grants are reached by their own paths only.
+    # The private root holds /home (HOME), /tmp, /usr and where its folders are seen (/workspace).
     top = await _value(session, "import os\nsorted(os.listdir('/'))")
-    assert top == "['home', 'tmp', 'usr']"
+    assert top == "['home', 'tmp', 'usr', 'workspace']"
     assert await _value(session, "os.path.isdir('/workspace')") == "True"
     listing = await _value(session, "sorted(os.listdir('/usr/lib/ubertool'))")
     assert listing == "['_ubertool.py', 'ubertool.py']"

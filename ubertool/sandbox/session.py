@@ -109,7 +109,7 @@ class SandboxSession:
         # that a restored interpreter finds what the image's open files point to.
         self._root = Path(tempfile.mkdtemp(prefix="ubertool-root-"))
         try:
-            engine.make_root(self._root)
+            engine.make_root(self._root, self.config)
             self._interp = await anyio.to_thread.run_sync(self._open_first)
         except BaseException:
             _remove_root(self._root)
