@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -179,3 +180,16 @@ async def test_every_tool_call_is_audited(tmp_path: Path, _isolated_home: Path) 
     calls = [(e["tool"], e["ok"]) for e in map(json.loads, lines) if e["event"] == "tool_call"]
     assert calls == [("programs.spawn", True), ("programs.expect", True), ("programs.spawn", False),
                      ("mcp.call", True)]
+
+
+async def test_an_upstream_command_runs_from_the_policys_folder(tmp_path: Path) -> None:
+    """`command = ["python", "server.py"]` finds server.py beside the policy, wherever ubertool runs."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    shutil.copy(UPSTREAM, folder / "tracker.py")
+    policy = folder / "policy.toml"
+    policy.write_text(f'[tools.mcp.tracker]\ncommand = ["{sys.executable}", "tracker.py"]\nallow = ["add"]\n')
+    assert load_policy(policy).tools.mcp["tracker"].cwd == str(folder.resolve())
+    async with open_run(load_policy(policy)) as run:
+        result = await run.cell("from ubertool import mcp\nmcp.call('tracker', 'add', a=1, b=2)")
+    assert result.status is Status.OK, result

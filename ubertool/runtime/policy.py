@@ -326,6 +326,10 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: 
                    for m in policy.mounts)
     credentials = {name: c.model_copy(update={"file": _resolve(c.file, base)}) if c.file else c
                    for name, c in policy.credentials.items()}
+    # An upstream's command (`python server.py`) runs from the policy's folder, not wherever
+    # ubertool was started.
+    upstreams = {name: u.model_copy(update={"cwd": str(_resolve(Path(u.cwd or "."), base))})
+                 if u.command is not None and (u.cwd or base) else u for name, u in policy.tools.mcp.items()}
     links = tuple(link if "://" in link else str(_resolve(Path(link), base))
                   for link in policy.packages.find_links)
     packages = policy.packages.model_copy(update={"find_links": links})
@@ -337,8 +341,9 @@ def parse_policy(data: dict[str, Any], source: str, base: Path | None, **facts: 
                  if (p := _bind_problem(Path(bind)))]
     if problems:
         raise PolicyError(problems)
+    tools = policy.tools.model_copy(update={"mcp": upstreams})
     return policy.model_copy(update={"grants": grants, "mounts": mounts, "credentials": credentials,
-                                     "packages": packages})
+                                     "packages": packages, "tools": tools})
 
 
 def _resolve(path: Path, base: Path | None) -> Path:

@@ -30,6 +30,7 @@ class UpstreamSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     command: tuple[str, ...] | None = Field(None, strict=False)
+    cwd: str | None = None  # where `command` runs; relative to the policy file, whose folder is the default
     url: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     credential: str | None = None
@@ -118,7 +119,8 @@ class UpstreamBroker(Broker):
         from fastmcp.client.transports import StdioTransport, StreamableHttpTransport
 
         if spec.command is not None:
-            transport: Any = StdioTransport(spec.command[0], list(spec.command[1:]), env=dict(spec.env))
+            transport: Any = StdioTransport(spec.command[0], list(spec.command[1:]), env=dict(spec.env),
+                                            cwd=spec.cwd)
         else:
             headers = {}
             if spec.credential and self._credentials is not None:
