@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli_env, ubertool_command
+from guest import ok, refused
 
 from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import load_policy
@@ -57,19 +58,6 @@ async def tool_run(tmp_path: Path, journal: Journal | None = None) -> AsyncItera
     policy.write_text(policy_text())
     async with open_run(load_policy(policy), journal=journal) as run:
         yield run
-
-
-async def ok(run: Run, code: str) -> str:
-    result = await run.cell(code)
-    assert result.status is Status.OK, (result.error, result.message)
-    return str(result.value)
-
-
-async def refused(run: Run, code: str) -> str:
-    result = await run.cell(code)
-    assert result.status is Status.ERROR and result.error is not None
-    assert result.error.type == "host.ToolError", result.error
-    return result.error.message
 
 
 async def test_drive_sqlite_and_python_from_sandbox_code(tmp_path: Path) -> None:

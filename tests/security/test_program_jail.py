@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import cli_env, ubertool_command
+from guest import ok, refused
 
 from ubertool.runtime.policy import PolicyError, load_policy
 from ubertool.runtime.runs import Run, open_run
-from ubertool.sandbox import Status
 from ubertool.tools import ToolFailure
 from ubertool.tools.programs import ProgramBroker, ProgramSpec
 from ubertool.tools.recorder import Recorder
@@ -73,19 +73,6 @@ async def jail_run(tmp_path: Path, **extra: str) -> AsyncIterator[Run]:
     policy.write_text(programs(**extra))
     async with open_run(load_policy(policy)) as run:
         yield run
-
-
-async def ok(run: Run, code: str) -> str:
-    result = await run.cell(code)
-    assert result.status is Status.OK, (result.error, result.message, result.stdout)
-    return str(result.value)
-
-
-async def refused(run: Run, code: str) -> str:
-    result = await run.cell(code)
-    assert result.status is Status.ERROR and result.error is not None
-    assert result.error.type == "host.ToolError", result.error
-    return result.error.message
 
 
 async def output_of(run: Run, name: str, *args: str) -> str:

@@ -445,7 +445,8 @@ class Addresses:
     keyboard_interrupt: int  # the KeyboardInterrupt type object
 
 
-def _uleb(data: bytes | memoryview, at: int) -> tuple[int, int]:
+def _leb(data: bytes | memoryview, at: int, *, signed: bool) -> tuple[int, int]:
+    """A LEB128 number at `at`, and where the next field starts."""
     value = shift = 0
     while True:
         byte = data[at]
@@ -453,18 +454,15 @@ def _uleb(data: bytes | memoryview, at: int) -> tuple[int, int]:
         value |= (byte & 0x7F) << shift
         shift += 7
         if byte < 0x80:
-            return value, at
+            return (value - (1 << shift) if signed and byte & 0x40 else value), at
+
+
+def _uleb(data: bytes | memoryview, at: int) -> tuple[int, int]:
+    return _leb(data, at, signed=False)
 
 
 def _sleb(data: bytes | memoryview, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return (value - (1 << shift) if byte & 0x40 else value), at
+    return _leb(data, at, signed=True)
 
 
 def _named_bodies(data: memoryview, wanted: set[bytes]) -> dict[bytes, tuple[int, int]]:
