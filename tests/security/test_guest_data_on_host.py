@@ -207,3 +207,45 @@ async def test_a_malformed_result_record_is_a_result(_isolated_home: Path) -> No
             assert "report of the cell is malformed" in result.message
             after = await run.cell("kept + 1")
             assert after.status is Status.OK and str(after.value) == "42", shape
+
+
+async def test_a_fifo_where_long_output_is_saved_never_blocks_the_host(_isolated_home: Path) -> None:
+    """A guest (through a jailed program) can leave a FIFO at the name its long output will be
+    saved under; the host replaces it instead of opening it, so no thread blocks on it."""
+    import stat
+
+    import anyio
+
+    from ubertool.runtime.reply import reply
+
+    async with open_run(default_policy()) as run:
+        result = await run.cell("print('A' * 50_000)")
+        saved = run.workspace / ".ubertool"
+        saved.mkdir()
+        fifo = saved / f"cell-{result.cell}-stdout.txt"
+        os.mkfifo(fifo)
+        with anyio.fail_after(10):
+            answer = await anyio.to_thread.run_sync(reply, "s-test", result, run, abandon_on_cancel=True)
+        assert stat.S_ISREG(fifo.lstat().st_mode) and fifo.stat().st_size == 50_001
+        assert "all of it is in /workspace/.ubertool/" in answer.content[0].text
+
+
+def test_a_parameter_line_is_cut_where_python_splits_lines() -> None:
+    """A \\x1c (a line break to str.splitlines, not to Python) shifted the numbering, so another
+    line was cut and a playbook held code the session never ran."""
+    code = ("x = 1 #\x1c\ns = '''\n'''\nregion = '''+print(\"SMUGGLED\")+'''\nu = 1 #'''\n"
+            "print('cell ran; s =', repr(s))\n")
+    text, _ = dump([cell(1, code)], name="b", description="", params={"region": "EMEA"}, source=source())
+    book = parse_playbook(Path("b.py"), text)
+    assert "SMUGGLED" not in text and book.parameters == {"region": "EMEA"}
+    expected = code.replace("region = '''+print(\"SMUGGLED\")+'''\n", "")
+    assert ast.dump(ast.parse(book.cells[0].code)) == ast.dump(ast.parse(expected))
+    with pytest.raises(PlaybookError, match="line of its own"):
+        dump([cell(1, "region = 'x'; print(1)\n")], name="b", description="", params={"region": "y"},
+             source=source())
+
+
+def test_a_description_line_that_reads_as_a_marker_stays_a_comment() -> None:
+    for line in ("%% cell 1", "%%", "ubertool-playbook: {}"):
+        text, _ = dump([cell(1, "x = 1\n")], name="b", description=f"ok\n{line}", params={}, source=source())
+        assert [s.code for s in parse_playbook(Path("b.py"), text).cells] == ["x = 1\n"], line

@@ -82,7 +82,8 @@ async def _run_cell(ctx: Context, handle: str, run: Run, code: str, timeout_s: f
                            "Call again without `session` to start a new one.")
         finally:
             tg.cancel_scope.cancel()
-    return reply(handle, result, run)
+    # Saving long output writes into the guest's workspace: off the event loop, like all file I/O.
+    return await anyio.to_thread.run_sync(reply, handle, result, run)
 
 
 def build_server(manager: SessionManager, auth: AuthProvider | None = None) -> FastMCP[Any]:

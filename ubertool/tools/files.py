@@ -111,17 +111,27 @@ def tighten(root: Path, on_change: Callable[[int], None] | None = None) -> bool:
 
 def write_no_follow(folder: Path, name: str, data: bytes) -> None:
     """Write `folder/name` (making `folder` if missing) owner-only, without following any link
-    there.
+    and without opening anything the guest made there: the bytes go to a new file of a random
+    name, which then takes `name`'s place (so a FIFO or device the guest planted at `name` is
+    replaced, never opened, and cannot block the host).
 
     Raises:
-        OSError: `folder` or `name` is a link, or the write failed.
+        OSError: `folder` is a link, `name` is a folder, or the write failed.
     """
     with contextlib.suppress(FileExistsError):
         folder.mkdir(mode=FOLDER_MODE)
-    folder_fd = os.open(folder, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0))
+    folder_fd = os.open(folder, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_NONBLOCK)
     try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE, dir_fd=folder_fd)
+        temporary = f".{name}.{os.urandom(6).hex()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, FILE_MODE, dir_fd=folder_fd)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.rename(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=folder_fd)
+            raise
     finally:
         os.close(folder_fd)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
