@@ -222,3 +222,19 @@ async def test_a_host_memory_budget_closes_idle_sessions_before_refusing(_isolat
                 with pytest.raises(SessionError, match=r"limits\.host_memory_mib"):
                     async with manager.use(None, None):
                         pass
+
+
+async def test_an_expect_pattern_cannot_hold_the_host(_isolated_home: Path, tmp_path: Path) -> None:
+    """Guest patterns are matched in linear time (RE2): catastrophic backtracking in Python's `re`
+    held the GIL, so the whole server, past every timeout."""
+    path = tmp_path / "policy.toml"
+    path.write_text("[tools.programs.sqlite]\nargv = ['sqlite3', '-safe', '-interactive']\ntimeout_s = 2\n")
+    async with open_run(load_policy(path)) as run:
+        started = time.monotonic()
+        result = await run.cell("from ubertool import programs\ndb = programs.spawn('sqlite')\n"
+                                "db.expect('sqlite> ')\ndb.sendline(\"select '\" + 'a' * 40 + \"';\")\n"
+                                "db.expect(r'(a+)+b', timeout=2)", timeout_s=20)
+        assert result.error is not None and "timed out after 2 s" in result.error.message, result
+        assert time.monotonic() - started < 15
+        refused = await run.cell("db.expect(r'(a)\\1')")
+        assert refused.error is not None and "RE2 regular expressions" in refused.error.message

@@ -75,12 +75,15 @@ async def jail_run(tmp_path: Path, **extra: str) -> AsyncIterator[Run]:
         yield run
 
 
+NEVER = r"[^\s\S]"  # a pattern that matches nothing: wait for the program's end
+
+
 async def output_of(run: Run, name: str, *args: str) -> str:
     """Run a program to its end; what it printed (as the refusal to wait further reports it)."""
     message = await refused(run, f"from ubertool import programs\n"
-                                 f"programs.spawn({name!r}, {list(args)!r}).expect('(?!)')")
+                                 f"programs.spawn({name!r}, {list(args)!r}).expect({NEVER!r})")
     before, printed = message.split("; it printed: ", 1)
-    assert before == f"program {name!r} ended before printing ['(?!)']", message
+    assert before == f"program {name!r} ended before printing [{NEVER!r}]", message
     return str(eval(printed))
 
 

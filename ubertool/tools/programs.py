@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import pexpect
 import ptyprocess
+import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ubertool.tools import ToolFailure
@@ -116,6 +117,25 @@ class _Spawn(pexpect.spawn):
     def _in_child(self) -> None:  # after fork, before exec
         os.fchdir(self._folder_fd)
         os.set_inheritable(self._folder_fd, self._jailed)
+
+
+def _patterns(patterns: Any) -> list[Any]:
+    """The guest's `expect` patterns, compiled by RE2: matching takes time linear in the text,
+    so no pattern can hold the host (Python's `re` backtracks, and cannot be interrupted).
+
+    Raises:
+        ToolFailure: not a list of text, or a pattern RE2 does not take (backreferences,
+            lookaround), with RE2's words.
+    """
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns) or not patterns:
+        raise ToolFailure("expect takes a list of regular expressions (text)")
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return [re2.compile(pattern, options) for pattern in patterns]
+    except re2.error as exc:
+        raise ToolFailure(f"bad pattern ({exc}); patterns are RE2 regular expressions: no backreferences "
+                          "or lookaround") from None
 
 
 class ProgramBroker(Broker):
@@ -282,16 +302,15 @@ class ProgramBroker(Broker):
         child = self._child(handle)
         spec = self._specs[child.name]
         timeout = spec.timeout_s if timeout_s is None else min(timeout_s, spec.timeout_s)
+        compiled = _patterns(patterns)
         try:
-            index = child.process.expect(patterns, timeout=timeout)
+            index = child.process.expect_list(compiled, timeout=timeout)
         except pexpect.TIMEOUT:
             raise ToolFailure(f"timed out after {timeout:g} s waiting for {patterns!r}; printed so far: "
                               f"{self._text(child.process.before, 2000)!r}") from None
         except pexpect.EOF:
             raise ToolFailure(f"program {child.name!r} ended before printing {patterns!r}; it printed: "
                               f"{self._text(child.process.before, 2000)!r}") from None
-        except re.error as exc:
-            raise ToolFailure(f"bad pattern: {exc}") from None
         cap = spec.max_output_bytes
         return {"index": index, "before": self._text(child.process.before, cap),
                 "after": self._text(child.process.after, cap)}
