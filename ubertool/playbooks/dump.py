@@ -59,22 +59,48 @@ def _saves_a_playbook(code: str) -> bool:
 
 
 def _without_parameters(code: str, names: set[str]) -> str:
-    """`code` minus its top-level `name = <literal>` lines for parameter names."""
+    """`code` minus its top-level `name = <literal>` lines for parameter names. Lines are split
+    as Python splits them (only \\n, \\r\\n and \\r end one), and the result must parse to the
+    same statements minus the dropped ones.
+
+    Raises:
+        PlaybookError: the cell does not come apart cleanly (keep it by not naming the parameter).
+    """
+    code = code.replace("\r\n", "\n").replace("\r", "\n")
     try:
         tree = ast.parse(code)
     except SyntaxError:
         return code
-    lines = code.splitlines(keepends=True)
+    lines = code.split("\n")
     drop: set[int] = set()
+    kept = []
     for node in tree.body:
         if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and node.targets[0].id in names and node.end_lineno is not None):
-            try:
-                ast.literal_eval(node.value)
-            except ValueError:
-                continue
+                and node.targets[0].id in names and node.end_lineno is not None
+                and _is_literal(node.value)):
             drop.update(range(node.lineno - 1, node.end_lineno))
-    return "".join(line for i, line in enumerate(lines) if i not in drop)
+        else:
+            kept.append(node)
+    if not drop:
+        return code
+    result = "\n".join(line for i, line in enumerate(lines) if i not in drop)
+    try:
+        same = ast.dump(ast.parse(result)) == ast.dump(ast.Module(body=kept, type_ignores=[]))
+    except SyntaxError:
+        same = False
+    if not same:
+        raise PlaybookError(f"a cell assigning the parameter(s) {', '.join(sorted(names))} does not come apart "
+                            "line by line (a statement shares a line with it); put the assignment on a "
+                            "line of its own")
+    return result
+
+
+def _is_literal(node: ast.expr) -> bool:
+    try:
+        ast.literal_eval(node)
+    except ValueError:
+        return False
+    return True
 
 
 def dump(cells: Sequence[JournalCell], *, name: str, description: str, params: dict[str, Any],

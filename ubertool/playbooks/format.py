@@ -184,8 +184,9 @@ def comment_lines(text: str) -> list[str]:
     """`text` as Python comment lines: one per line of it, every character that is not
     printable (line breaks of any kind, control and format characters) written as an escape,
     so nothing in it can end the comment or look like another line to any reader."""
-    return ["# " + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
-            for line in text.split("\n")]
+    lines = ["".join(c if c.isprintable() else ascii(c)[1:-1] for c in line) for line in text.split("\n")]
+    # A line that would read as a cell marker or the header gets one more space.
+    return ["# " + (" " if line.startswith(("%", _HEADER_PREFIX[2:])) else "") + line for line in lines]
 
 
 def source_lines(text: str) -> list[str]:
