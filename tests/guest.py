@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import anyio
+
 from ubertool.runtime.runs import Run
-from ubertool.sandbox import Status
+from ubertool.sandbox import CellResult, SandboxSession, Status
 
 
 async def ok(run: Run, code: str) -> str:
@@ -19,3 +21,13 @@ async def refused(run: Run, code: str) -> str:
     assert result.status is Status.ERROR and result.error is not None
     assert result.error.type == "host.ToolError", result.error
     return result.error.message
+
+
+async def run_interrupted(session: SandboxSession, code: str, after_s: float = 0.3) -> CellResult:
+    """Run `code` in `session` and interrupt it (as a client's cancel would) after `after_s`."""
+    async with anyio.create_task_group() as tg:
+        async def stop_soon() -> None:
+            await anyio.sleep(after_s)
+            session.interrupt()
+        tg.start_soon(stop_soon)
+        return await session.run(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from guest import run_interrupted
 
 from ubertool.sandbox import SandboxSession, Status
 from ubertool.sandbox import session as session_module
@@ -127,12 +128,7 @@ async def test_a_huge_value_is_cut_in_the_middle(session: SandboxSession) -> Non
 
 async def test_interrupt_cancels_the_cell_and_restores(session: SandboxSession) -> None:
     await session.run("before = 'still here'")
-    async with anyio.create_task_group() as tg:
-        async def stop_soon() -> None:
-            await anyio.sleep(0.3)
-            session.interrupt()
-        tg.start_soon(stop_soon)
-        result = await session.run("import time\ntime.sleep(100)")
+    result = await run_interrupted(session, "import time\ntime.sleep(100)")
     assert result.status is Status.CANCELLED
     assert result.restored is not None and result.restored.cells == 1
     assert str((await session.run("before")).value) == "'still here'"

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import anyio
 import pytest
+from guest import run_interrupted
 
 from ubertool.sandbox import ProviderMount, SandboxConfig, SandboxSession, Status, images
 from ubertool.sandbox import session as session_module
@@ -193,12 +193,7 @@ async def test_soft_interrupt_stops_a_numpy_loop(session: SandboxSession) -> Non
 
 async def test_interrupt_is_soft_first(session: SandboxSession) -> None:
     await session.run("before = 'kept'")
-    async with anyio.create_task_group() as tg:
-        async def stop_soon() -> None:
-            await anyio.sleep(0.3)
-            session.interrupt()
-        tg.start_soon(stop_soon)
-        result = await session.run("while True: pass")
+    result = await run_interrupted(session, "while True: pass")
     assert result.status is Status.CANCELLED and result.restored is None
     assert "interrupted; a KeyboardInterrupt stopped it" in result.message
     assert str((await session.run("before")).value) == "'kept'"
