@@ -17,22 +17,22 @@ from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import load_policy
 from ubertool.runtime.runs import open_run
 from ubertool.sandbox import SandboxStartError
-from ubertool.tools.packages import PackageError, unpack_wheel
+from ubertool.tools.packages import MAX_METADATA_BYTES, PackageError, inspect_wheel, unpack_wheel
 
 pytestmark = pytest.mark.anyio
 
 
 def wheel(index: Path, name: str, version: str, files: dict[str, str], *, tag: str = "py3-none-any",
-          requires: tuple[str, ...] = (), purelib: bool = True) -> Path:
+          requires: tuple[str, ...] = (), purelib: bool = True, description: str = "") -> Path:
     """A minimal wheel in `index`, as a build backend writes one."""
     index.mkdir(exist_ok=True)
     path = index / f"{name}-{version}-{tag}.whl"
     info = f"{name}-{version}.dist-info"
-    with zipfile.ZipFile(path, "w") as zipped:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
         for member, text in files.items():
             zipped.writestr(member, text)
         zipped.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-                        + "".join(f"Requires-Dist: {r}\n" for r in requires))
+                        + "".join(f"Requires-Dist: {r}\n" for r in requires) + description)
         zipped.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
                         f"Root-Is-Purelib: {'true' if purelib else 'false'}\nTag: {tag}\n")
         zipped.writestr(f"{info}/RECORD", "")
@@ -146,6 +146,14 @@ async def test_a_built_in_version_that_does_not_fit_is_refused(tmp_path: Path, i
     checked = ubertool("policy", "check", str(policy_file(tmp_path, index, ["numpy<2"])))
     assert checked.returncode == 2
     assert "the sandbox has numpy 2.5.2 built in, which this excludes" in checked.stderr
+
+
+def test_a_metadata_bomb_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """64 MiB of METADATA compresses to about 64 KiB: the wheel is small, its headers are not."""
+    bomb = wheel(tmp_path, "bomb", "1.0", {"bomb.py": ""}, description="\n" + "X" * 64 * 2**20)
+    assert bomb.stat().st_size < MAX_METADATA_BYTES
+    with pytest.raises(PackageError, match="METADATA is larger than"):
+        inspect_wheel(bomb)
 
 
 def test_unpacking_never_leaves_the_folder(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from email.message import Message
 from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ _COMPILED = (".so", ".pyd", ".dylib", ".dll")
 MAX_WHEEL_BYTES = 100 * 2**20
 MAX_UNPACKED_BYTES = 512 * 2**20
 MAX_MEMBERS = 50_000
+MAX_METADATA_BYTES = 2**20  # a wheel's WHEEL or METADATA, decompressed
 MAX_PACKAGES = 200  # in one resolution
 PIP_TIMEOUT_S = 300.0
 
@@ -394,8 +396,8 @@ def inspect_wheel(wheel: Path) -> Pin:
             infos = [n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith(".dist-info/WHEEL")]
             if len(infos) != 1:
                 raise KeyError("no single .dist-info/WHEEL")
-            meta = HeaderParser().parsestr(zipped.read(f"{infos[0]}/WHEEL").decode("utf-8", "replace"))
-            metadata = HeaderParser().parsestr(zipped.read(f"{infos[0]}/METADATA").decode("utf-8", "replace"))
+            meta = _headers(zipped, f"{infos[0]}/WHEEL")
+            metadata = _headers(zipped, f"{infos[0]}/METADATA")
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
         raise PackageError(f"{wheel.name}: not a readable wheel ({exc})") from None
     compiled = [n for n in names if n.lower().endswith(_COMPILED) or ".data/platlib/" in n]
@@ -409,6 +411,22 @@ def inspect_wheel(wheel: Path) -> Pin:
             digest.update(chunk)
     return Pin(canonicalize_name(name), str(version), wheel.name, digest.hexdigest(),
                tuple(metadata.get_all("Requires-Dist") or ()))
+
+
+def _headers(zipped: zipfile.ZipFile, member: str) -> Message:
+    """`member` parsed as RFC 822 headers, reading at most MAX_METADATA_BYTES of it decompressed
+    (a small compressed member can claim, or hold, gigabytes).
+
+    Raises:
+        PackageError: the member is larger.
+        KeyError: there is no such member.
+    """
+    with zipped.open(member) as source:
+        data = source.read(MAX_METADATA_BYTES + 1)
+    if len(data) > MAX_METADATA_BYTES:
+        raise PackageError(f"{Path(zipped.filename or '').name}: {member} is larger than "
+                           f"{MAX_METADATA_BYTES // 2**10} KiB")
+    return HeaderParser().parsestr(data.decode("utf-8", "replace"))
 
 
 def _member_path(member: str) -> tuple[str, ...] | None:
