@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -28,6 +27,7 @@ from ubertool.runtime.audit import AuditLog, code_hash
 from ubertool.runtime.home import cache_home, state_folder
 from ubertool.runtime.journal import Journal, JournalCell
 from ubertool.runtime.policy import DirMount, Policy
+from ubertool.runtime.stores import JournalError
 from ubertool.sandbox import (
     CellError,
     CellResult,
@@ -104,7 +104,7 @@ class Run:
         if self.journal is not None:
             try:
                 self.journal.add_cell(self.id, journaled)
-            except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: the cell's result still counts
+            except (JournalError, OSError) as exc:  # a full disk, a lost database: the result counts
                 note = f"the journal could not record this cell ({exc}); it is not in playbooks dumped later"
                 self.audit.event("journal_failed", cell=result.cell, error=str(exc))
                 result = replace(result, notes=(*result.notes, note))
