@@ -231,5 +231,5 @@ def masked_url(url: str) -> str:
     if parts.password is not None or ":" in netloc.rpartition("@")[0]:
         user, _, host = netloc.rpartition("@")
         netloc = f"{user.partition(':')[0]}:***@{host}"
-    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)])
+    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
