@@ -33,6 +33,7 @@ from ubertool.runtime.policy import (
 from ubertool.runtime.render import render
 from ubertool.runtime.runs import open_run
 from ubertool.runtime.stores import JournalError
+from ubertool.runtime.telemetry import telemetry
 from ubertool.runtime.warmup import warm_with_progress
 from ubertool.sandbox import SandboxStartError
 
@@ -62,11 +63,15 @@ def _sandbox_errors() -> Iterator[None]:
         sys.exit(2)
 
 
-def _sandboxed(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn` after the one-time compile (with progress when it is not cached yet)."""
+def _sandboxed(fn: Callable[..., Any], *args: Any, policy: Policy | None = None) -> Any:
+    """Run `fn` after the one-time compile (with progress when it is not cached yet), with
+    `policy`'s telemetry (spans and metrics exported when it names a collector)."""
     with _sandbox_errors():
         anyio.run(warm_with_progress)
-        return fn(*args)
+        if policy is None:
+            return fn(*args)
+        with telemetry(policy):
+            return fn(*args)
 
 
 policy_option = click.option("--policy", "policy_path", type=click.Path(dir_okay=False),
@@ -113,7 +118,7 @@ def run(policy_path: str | None, workspace: Path | None, code: str | None,
         render(result, sys.stdout, sys.stderr, show_value=code is not None)
         return result.failed
 
-    sys.exit(1 if _sandboxed(anyio.run, go) else 0)
+    sys.exit(1 if _sandboxed(anyio.run, go, policy=policy) else 0)
 
 
 @main.command()
@@ -123,7 +128,8 @@ def shell(policy_path: str | None, workspace: Path | None) -> None:
     """An interactive Python prompt inside one sandbox session."""
     from ubertool.runtime.shell import shell as repl
 
-    _sandboxed(repl, _policy(policy_path), workspace)
+    policy = _policy(policy_path)
+    _sandboxed(repl, policy, workspace, policy=policy)
 
 
 @main.command()
@@ -171,7 +177,8 @@ def serve(policy_path: str | None, transport: str, host: str, port: int, allow_h
             sys.exit(2)
         click.echo(f"ubertool serving MCP at http://{host}:{port}/mcp (policy: {policy.source}; "
                    f"authentication: {door.kind})", err=True)
-    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port, door=door))
+    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port, door=door),
+               policy=policy)
 
 
 @main.command()
@@ -228,7 +235,7 @@ def replay(playbook: Path, policy_path: str | None, workspace: Path | None, para
                                       as_json=as_json, journal=journal, workspace=workspace)
 
     try:
-        outcome = _sandboxed(anyio.run, go)
+        outcome = _sandboxed(anyio.run, go, policy=policy)
     except ReplayUsageError as exc:
         click.echo(f"ubertool replay: {exc}", err=True)
         sys.exit(USAGE)
