@@ -141,8 +141,9 @@ async def test_mcp_session_on_postgres_then_list_dump_replay_prune(postgres: Pos
                                                                   _isolated_home: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[journal]\nurl = "{postgres.url(postgres.new_database())}"\n')
+    log = tmp_path / "server.log"  # the server's own log (its stderr)
     async with Client(StdioTransport(ubertool_command(), ["serve", "--policy", str(policy)],
-                                     env=cli_env())) as client:
+                                     env=cli_env(FASTMCP_LOG_LEVEL="DEBUG"), log_file=log)) as client:
         async def call(code: str) -> dict:
             return (await client.call_tool("python", {"code": code}, raise_on_error=False)).structured_content
 
@@ -165,7 +166,8 @@ async def test_mcp_session_on_postgres_then_list_dump_replay_prune(postgres: Pos
 
     # The password is in no reply, file ubertool wrote, listing or policy dump.
     written = [p.read_text(errors="replace") for p in _isolated_home.rglob("*") if p.is_file()]
-    written += [book.read_text(), book.with_name("book.recording.json").read_text()]
+    written += [book.read_text(), book.with_name("book.recording.json").read_text(), log.read_text()]
+    assert "Starting MCP server" in log.read_text()
     for text in (json.dumps(about), listed.stdout, dumped.stdout + dumped.stderr, shown, *written):
         assert postgres.password not in text
 

@@ -124,18 +124,31 @@ async def test_spans_continue_the_clients_trace_and_hold_no_secret(
                 assert OUTPUT_MARK in result.structured_content["stdout"], result.structured_content
                 handle = result.structured_content["session"]
                 assert counted(reader, "ubertool.sessions") == {"{}": 1}
+                # One long C call: stopped hard, then the session is restored by replay.
+                stopped = await client.call_tool("python", {"code": "import time\ntime.sleep(100)",
+                                                            "timeout_s": 1, "session": handle},
+                                                 raise_on_error=False)
+                assert stopped.structured_content["status"] == "timeout"
+                refused = await client.call_tool("python", {"code": "1", "session": "s-nope"},
+                                                 raise_on_error=False)
+                assert refused.is_error
         assert counted(reader, "ubertool.sessions") == {"{}": 0}  # closed with the server
-    assert counted(reader, "ubertool.cells")['{"status": "ok"}'] >= 1
+    assert counted(reader, "ubertool.cells") == {'{"status": "ok"}': 1, '{"status": "timeout"}': 1}
+    assert counted(reader, "ubertool.restores") == {'{"ok": true}': 1}
+    assert counted(reader, "ubertool.errors") == {'{"kind": "cell"}': 1, '{"kind": "refused"}': 1}
 
     finished = spans.get_finished_spans()
     client_side = {s.context.span_id: s for s in finished if s.kind == trace.SpanKind.CLIENT}
-    (call,) = [s for s in finished if s.kind == trace.SpanKind.SERVER and s.name.startswith("tools/call")]
+    calls = [s for s in finished if s.kind == trace.SpanKind.SERVER and s.name.startswith("tools/call")]
+    call = min(calls, key=lambda s: s.start_time)
     assert f"{call.context.trace_id:032x}" == TRACE_ID
     ancestor = call.parent.span_id  # the client's span that sent the request (its `traceparent`)
     while ancestor in client_side:
         ancestor = client_side[ancestor].parent.span_id
     assert call.parent.span_id in client_side and ancestor == int(PARENT_ID, 16)
-    (cell,) = [s for s in finished if s.name == "ubertool.cell"]
+    cell, timed_out = sorted((s for s in finished if s.name == "ubertool.cell"), key=lambda s: s.start_time)
+    assert timed_out.status.status_code == trace.StatusCode.ERROR
+    assert timed_out.attributes["error.type"] == "timeout" and timed_out.attributes["ubertool.cell"] == 2
     run_id = call.attributes["ubertool.run"]
     assert call.attributes["ubertool.session"] == handle and cell.parent.span_id == call.context.span_id
     assert (cell.attributes["ubertool.run"], cell.attributes["ubertool.session"]) == (run_id, handle)
