@@ -15,9 +15,10 @@ from fastmcp.client.transports import StdioTransport
 from postgres import Postgres
 
 from ubertool.runtime.journal import Journal, JournalCell
-from ubertool.runtime.policy import PolicyError, load_policy
+from ubertool.runtime.policy import PolicyError, default_policy, load_policy
 from ubertool.runtime.runs import open_run
-from ubertool.runtime.stores import JournalError, PostgresStore, masked_url
+from ubertool.runtime.stores import PostgresStore, masked_url
+from ubertool.sandbox import Status
 from ubertool.tools.recorder import Exchange
 
 pytestmark = pytest.mark.anyio
@@ -94,20 +95,25 @@ async def test_a_run_is_journaled(journal_backend: JournalBackend, tmp_path: Pat
         assert [c.stdout for c in journal.cells(run.id)] == ["42\n"]
 
 
-def test_a_dropped_connection_is_made_again(postgres: Postgres) -> None:
+async def test_a_lost_database_connection_costs_one_cell_its_journal_entry(
+        postgres: Postgres, _isolated_home: Path) -> None:
     import psycopg
 
     url = postgres.url(postgres.new_database())
-    with Journal(PostgresStore(url)) as journal:
-        journal.start_run("20260101T000000-dddd", "run", "p", "")
-        with psycopg.connect(url, autocommit=True) as admin:  # as a database restart would
+    with Journal(PostgresStore(url)) as journal, psycopg.connect(url, autocommit=True) as admin:
+        async with open_run(default_policy(), journal=journal) as run:
+            first = await run.cell("x = 1")
+            # Acknowledged means committed: another connection sees the cell already.
+            assert not first.notes and admin.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 1
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        with pytest.raises(JournalError) as failed:
-            journal.add_cell("20260101T000000-dddd", cell(1, b"b"))
-        assert postgres.password not in str(failed.value)
-        journal.add_cell("20260101T000000-dddd", cell(1, b"b"))  # connected again
-        assert len(journal.cells("20260101T000000-dddd")) == 1
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")  # a restart
+            lost = await run.cell("x = 2")
+            assert lost.status is Status.OK and "the journal could not record this cell" in lost.notes[-1]
+            assert postgres.password not in lost.notes[-1]
+            assert not (await run.cell("x = 3")).notes  # connected again
+        assert [c.code for c in journal.cells(run.id)] == ["x = 1", "x = 3"]
+    audit = next(_isolated_home.glob("runs/*/audit.jsonl")).read_text()
+    assert '"event": "journal_failed"' in audit and postgres.password not in audit
 
 
 def test_a_wrong_url_names_journal_url_and_never_the_password(postgres: Postgres, tmp_path: Path) -> None:
