@@ -337,7 +337,11 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
             finally:
                 audit.event("run_end")
                 if journal is not None:
-                    journal.end_run(run_id)
+                    try:
+                        journal.end_run(run_id)
+                    except JournalError as exc:  # the database is away: the run still ends
+                        audit.event("journal_failed", error=str(exc))
+                        ERRORS.add(1, {"kind": "journal"})
     finally:
         spool.close()
         if own and not policy.workspace.keep:
