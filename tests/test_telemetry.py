@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -192,17 +193,21 @@ class _Collector(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_configured_endpoint_receives_spans_and_metrics_over_otlp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("configured", ["policy", "environment"])
+def test_a_configured_endpoint_receives_spans_and_metrics_over_otlp(tmp_path: Path, configured: str) -> None:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     collector = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     Thread(target=collector.serve_forever, daemon=True).start()
+    _Collector.received.clear()
+    url = f"http://127.0.0.1:{collector.server_port}"
     try:
         policy = tmp_path / "policy.toml"
-        policy.write_text(f"[telemetry]\notlp_endpoint = 'http://127.0.0.1:{collector.server_port}'\n"
-                          "service_name = 'ubertool-test'\n")
+        policy.write_text("[telemetry]\nservice_name = 'ubertool-test'\n"
+                          + (f"otlp_endpoint = '{url}'\n" if configured == "policy" else ""))
+        env = cli_env(**({"OTEL_EXPORTER_OTLP_ENDPOINT": url} if configured == "environment" else {}))
         done = subprocess.run([ubertool_command(), "run", "--policy", str(policy), "-c", "print(1 + 1)"],
-                              capture_output=True, text=True, timeout=120, env=cli_env())
+                              capture_output=True, text=True, timeout=120, env=env)
         assert (done.returncode, done.stdout) == (0, "2\n"), done.stderr
     finally:
         collector.shutdown()
@@ -215,3 +220,14 @@ def test_a_configured_endpoint_receives_spans_and_metrics_over_otlp(tmp_path: Pa
     names = [s.name for rs in exported.resource_spans for ss in rs.scope_spans for s in ss.spans]
     assert "ubertool.cell" in names
     assert "ubertool-test" in str(exported.resource_spans[0].resource)
+
+
+def test_telemetry_is_off_unless_configured() -> None:
+    """No endpoint: the SDK is not even imported (a server starts as fast as before)."""
+    code = ("import sys\nfrom ubertool.runtime.policy import default_policy\n"
+            "from ubertool.runtime.telemetry import telemetry\nwith telemetry(default_policy()): pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))")
+    done = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in cli_env().items() if not k.startswith("OTEL_")})
+    assert done.stdout == "[]\n", done.stderr

@@ -31,16 +31,20 @@ ERRORS = _meter.create_counter("ubertool.errors", unit="{error}",
 
 
 def endpoint(policy: Policy) -> str | None:
-    """Where telemetry goes: the policy's `otlp_endpoint`, else OTEL_EXPORTER_OTLP_ENDPOINT."""
+    """Where telemetry goes: the policy's `otlp_endpoint`, else OTEL_EXPORTER_OTLP_ENDPOINT;
+    None when neither is set or OTEL_SDK_DISABLED is true."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
     return policy.telemetry.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
 
 
 @contextmanager
 def telemetry(policy: Policy) -> Iterator[None]:
     """Export spans and metrics over OTLP/HTTP for the block when `endpoint(policy)` names a
-    collector (flushed and shut down at its end); otherwise nothing is loaded or sent."""
-    base = endpoint(policy)
-    if base is None:
+    collector (flushed and shut down at its end); otherwise nothing is loaded or sent. Without
+    the policy's endpoint the exporters read the standard OTEL_EXPORTER_OTLP_* variables
+    (per-signal endpoints, headers, timeouts) themselves."""
+    if endpoint(policy) is None:
         yield
         return
     # Lazily: the SDK and the exporter cost import time a server without telemetry never pays.
@@ -53,12 +57,13 @@ def telemetry(policy: Policy) -> Iterator[None]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    base = base.rstrip("/")
+    base = (policy.telemetry.otlp_endpoint or "").rstrip("/")
     resource = Resource.create({"service.name": policy.telemetry.service_name})
     tracer = TracerProvider(resource=resource)
-    tracer.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces")))
-    meter = MeterProvider(resource=resource, metric_readers=[
-        PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))])
+    tracer.add_span_processor(BatchSpanProcessor(
+        OTLPSpanExporter(endpoint=f"{base}/v1/traces") if base else OTLPSpanExporter()))
+    meter = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=f"{base}/v1/metrics") if base else OTLPMetricExporter())])
     trace.set_tracer_provider(tracer)
     metrics.set_meter_provider(meter)
     try:
