@@ -14,7 +14,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from ubertool.tools import ToolFailure
 from ubertool.tools.recorder import Recorder, recorded_call
 from ubertool.tools.redact import Redactor
-from ubertool.tools.tracing import failed, span
+from ubertool.tools.tracing import span
 
 
 class Broker:
@@ -43,11 +43,10 @@ class Broker:
         trace it (a span with the tool's name, never its arguments or answer)."""
         tool = f"{self.prefix}.{op}"
         started = time.monotonic()
-        with span("ubertool.tool.call", tool=tool) as current:
+        with span("ubertool.tool.call", tool=tool):  # a failure marks it: error.type = ToolFailure
             try:
                 answer = recorded_call(self._recorder, tool, arguments, perform)
             except ToolFailure as exc:
-                failed(current, "ToolFailure")
                 self._on_event("tool_call", tool=tool, ok=False, error=str(exc)[:300],
                                duration_s=round(time.monotonic() - started, 6))
                 raise
