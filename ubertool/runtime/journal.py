@@ -235,13 +235,17 @@ class Journal:
         rows = self._read(
             "SELECT number, code, status, stdout, stderr, value, error_type, traceback, duration_s, "
             "exchanges FROM cells WHERE run_id = ? ORDER BY number", (run_id,))
-        return [JournalCell(*row[:9], decode_exchanges(row[9], self._body)) for row in rows]
+        # The run's bodies in one query (one round trip to a database server, not one per body).
+        bodies = {digest: bytes(data) for digest, data in self._read(
+            "SELECT sha256, data FROM bodies WHERE sha256 IN "
+            "(SELECT sha256 FROM cell_bodies WHERE run_id = ?)", (run_id,))}
 
-    def _body(self, digest: str) -> bytes:
-        rows = self._read("SELECT data FROM bodies WHERE sha256 = ?", (digest,))
-        if not rows:
-            raise LookupError(f"the journal has lost body {digest[:12]}")
-        return bytes(rows[0][0])
+        def body(digest: str) -> bytes:
+            if digest not in bodies:
+                raise LookupError(f"the journal has lost body {digest[:12]}")
+            return bodies[digest]
+
+        return [JournalCell(*row[:9], decode_exchanges(row[9], body)) for row in rows]
 
     def put_image(self, session: str, data: bytes, meta: Mapping[str, Any]) -> None:
         """Keep session `session`'s image (`data`, e.g. a sandbox snapshot) with `meta` (JSON
