@@ -75,9 +75,12 @@ def otel() -> Iterator[tuple[InMemorySpanExporter, InMemoryMetricReader]]:
     spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
+    meter = MeterProvider(metric_readers=[reader])
     trace.set_tracer_provider(provider)
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    metrics.set_meter_provider(meter)
     yield spans, reader
+    provider.shutdown()  # later tests record nothing
+    meter.shutdown()
 
 
 def policy_text(url: str) -> str:
