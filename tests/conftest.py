@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from postgres import Postgres, running_postgres
 from servers import start_http_server
 
+from ubertool.runtime.journal import default_journal_path
+from ubertool.runtime.stores import PostgresStore, SqliteStore, Store
 from ubertool.sandbox import HostFolder, Limits, SandboxConfig, SandboxSession
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
@@ -72,3 +76,34 @@ def serve_http(_isolated_home: Path) -> Iterator[Callable[..., str]]:
     for proc in started:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL server for the test session (see `postgres.py`); tests take a fresh
+    database each with `new_database()`."""
+    with running_postgres() as server:
+        yield server
+
+
+@dataclass(frozen=True)
+class JournalBackend:
+    """Where a test's journal is: the default SQLite file (`url` None) or a PostgreSQL database."""
+
+    url: str | None = None
+
+    def store(self) -> Store:
+        return PostgresStore(self.url) if self.url else SqliteStore(default_journal_path())
+
+    def toml(self) -> str:
+        """The policy lines that name this journal ('' for the default)."""
+        return f'[journal]\nurl = "{self.url}"\n' if self.url else ""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def journal_backend(request: pytest.FixtureRequest, _isolated_home: Path) -> JournalBackend:
+    """Each journal test twice: on the default SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return JournalBackend()
+    server = request.getfixturevalue("postgres")
+    return JournalBackend(server.url(server.new_database()))

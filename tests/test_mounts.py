@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import JournalBackend
 from fakeapi import ApiState, serve_api
 
 from ubertool.runtime.policy import load_policy
@@ -301,13 +302,13 @@ async def test_a_redirect_cannot_leave_the_base_path(
 
 async def test_a_token_echoed_into_a_refused_redirect_is_stored_redacted(
         api: tuple[str, ApiState], policy_file: Callable[[str], Path],
-        monkeypatch: pytest.MonkeyPatch, _isolated_home: Path) -> None:
-    from ubertool.runtime.journal import Journal, default_journal_path, encode_exchanges
+        monkeypatch: pytest.MonkeyPatch, _isolated_home: Path, journal_backend: JournalBackend) -> None:
+    from ubertool.runtime.journal import Journal, encode_exchanges
 
     url, state = api
     state.required_token = TOKEN
     monkeypatch.setenv("API_TOKEN", TOKEN)
-    with Journal(default_journal_path()) as journal:
+    with Journal(journal_backend.store()) as journal:
         async with open_run(load_policy(policy_file(token_policy(url))), journal=journal) as run:
             kind, notes = await failure(run, "open('/remote/api/redirect-userinfo').read()")
             assert kind == "PermissionError" and TOKEN not in str(notes)

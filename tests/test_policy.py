@@ -171,7 +171,7 @@ def test_every_toml_block_of_the_readme_is_a_policy_that_checks(tmp_path: Path) 
     shown = tomllib.loads(next(b for b in blocks if "[limits]" in b))  # "the embedded default ... "
     default = default_policy()
     assert {k: shown[k] for k in ("limits", "workspace", "journal")} == {
-        k: getattr(default, k).model_dump() for k in ("limits", "workspace", "journal")}
+        k: getattr(default, k).model_dump(exclude_none=True) for k in ("limits", "workspace", "journal")}
     for index, block in enumerate(blocks):
         folder = tmp_path / f"block-{index}"
         folder.mkdir()

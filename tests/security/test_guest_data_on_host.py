@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_env
+from conftest import JournalBackend, cli_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -146,9 +146,9 @@ def test_a_parameter_that_is_no_literal_is_refused(value: object) -> None:
         dump([cell(1, "x = 1\n")], name="b", description="", params={"p": value}, source=source())
 
 
-async def test_save_playbook_never_replaces_another_sessions(_isolated_home: Path) -> None:
+async def test_save_playbook_never_replaces_another_sessions(journal_backend: JournalBackend) -> None:
     save = "import ubertool\nubertool.save_playbook('shared', 'mine')"
-    with Journal(default_journal_path()) as journal:
+    with Journal(journal_backend.store()) as journal:
         async with open_run(default_policy(), journal=journal) as first, \
                 open_run(default_policy(), journal=journal) as second:
             await first.cell("x = 1")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, ubertool_command
+from conftest import JournalBackend, cli_env, ubertool_command
 from fakeapi import ApiState, serve_api
 
 from ubertool.runtime.journal import Journal, default_journal_path
@@ -101,25 +101,27 @@ async def test_an_offline_replay_finds_reads_made_by_cells_left_out(api: tuple[s
     assert (offline.returncode, offline.stdout) == (0, "V1\n"), offline.stderr
 
 
-async def test_prune_removes_old_runs_and_their_bodies_never_playbooks(api: tuple[str, ApiState],
-                                                                       tmp_path: Path) -> None:
+async def test_prune_removes_old_runs_and_their_bodies_never_playbooks(
+        api: tuple[str, ApiState], tmp_path: Path, journal_backend: JournalBackend) -> None:
     url, _ = api
-    with Journal(default_journal_path()) as journal:
-        async with open_run(load_policy(policy(tmp_path, url)), journal=journal) as old:
+    path = policy(tmp_path, url)
+    path.write_text(path.read_text() + journal_backend.toml())
+    with Journal(journal_backend.store()) as journal:
+        async with open_run(load_policy(path), journal=journal) as old:
             await old.cell("open('/api/big.bin', 'rb').read(); x = 1")
             await old.cell("import ubertool\nubertool.save_playbook('kept', 'd')")
-        async with open_run(load_policy(policy(tmp_path, url)), journal=journal) as new:
+        async with open_run(load_policy(path), journal=journal) as new:
             await new.cell("open('/api/note.txt').read()")
-            journal.db.execute("UPDATE runs SET started = '2000-01-01T00:00:00+00:00' WHERE id = ?", (old.id,))
-            journal.db.commit()
+            with journal.store.transaction() as tx:
+                tx.execute("UPDATE runs SET started = '2000-01-01T00:00:00+00:00' WHERE id = ?", (old.id,))
             pruned = journal.prune(older_than_s=86_400)
             assert pruned.runs == (old.id,) and pruned.bodies == 1  # the live run is kept
             assert journal.cells(old.id) == [] and len(journal.cells(new.id)) == 1
             playbook = old.workspace.parents[2] / "playbooks" / "kept.py"
     assert playbook.is_file() and playbook.with_name("kept.recording.json").is_file()
-    done = ubertool("sessions", "prune", "--older-than", "0m")
+    done = ubertool("sessions", "prune", "--older-than", "0m", "--policy", str(path))
     assert done.returncode == 0 and done.stdout.startswith("Removed 1 runs and 1 bodies"), done.stdout
-    assert "Removed 0 runs" in ubertool("sessions", "prune", "--max-mib", "1").stdout
+    assert "Removed 0 runs" in ubertool("sessions", "prune", "--max-mib", "1", "--policy", str(path)).stdout
     assert ubertool("sessions", "prune", "--older-than", "soon").returncode == 2
 
 

@@ -20,7 +20,7 @@ import tomli_w
 
 from ubertool import __version__
 from ubertool.runtime.home import tighten_state_home
-from ubertool.runtime.journal import Journal, default_journal_path
+from ubertool.runtime.journal import Journal, journal_store
 from ubertool.runtime.policy import (
     DEFAULT_POLICY_NAME,
     Policy,
@@ -32,6 +32,8 @@ from ubertool.runtime.policy import (
 )
 from ubertool.runtime.render import render
 from ubertool.runtime.runs import open_run
+from ubertool.runtime.stores import JournalError
+from ubertool.runtime.telemetry import telemetry
 from ubertool.runtime.warmup import warm_with_progress
 from ubertool.sandbox import SandboxStartError
 
@@ -49,19 +51,27 @@ def _policy(path: str | Path | None) -> Policy:
 
 @contextmanager
 def _sandbox_errors() -> Iterator[None]:
-    """A sandbox that cannot start exits 2, saying what to try."""
+    """A sandbox that cannot start exits 2, saying what to try; so does a journal that cannot
+    be opened (the message names `journal.url` or the file, never a password)."""
     try:
         yield
     except SandboxStartError as exc:
         click.echo(f"ubertool: {exc}\nTry `ubertool warm` to rebuild the sandbox cache.", err=True)
         sys.exit(2)
+    except JournalError as exc:
+        click.echo(f"ubertool: {exc}", err=True)
+        sys.exit(2)
 
 
-def _sandboxed(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn` after the one-time compile (with progress when it is not cached yet)."""
+def _sandboxed(fn: Callable[..., Any], *args: Any, policy: Policy | None = None) -> Any:
+    """Run `fn` after the one-time compile (with progress when it is not cached yet), with
+    `policy`'s telemetry (spans and metrics exported when it names a collector)."""
     with _sandbox_errors():
         anyio.run(warm_with_progress)
-        return fn(*args)
+        if policy is None:
+            return fn(*args)
+        with telemetry(policy):
+            return fn(*args)
 
 
 policy_option = click.option("--policy", "policy_path", type=click.Path(dir_okay=False),
@@ -108,7 +118,7 @@ def run(policy_path: str | None, workspace: Path | None, code: str | None,
         render(result, sys.stdout, sys.stderr, show_value=code is not None)
         return result.failed
 
-    sys.exit(1 if _sandboxed(anyio.run, go) else 0)
+    sys.exit(1 if _sandboxed(anyio.run, go, policy=policy) else 0)
 
 
 @main.command()
@@ -118,7 +128,8 @@ def shell(policy_path: str | None, workspace: Path | None) -> None:
     """An interactive Python prompt inside one sandbox session."""
     from ubertool.runtime.shell import shell as repl
 
-    _sandboxed(repl, _policy(policy_path), workspace)
+    policy = _policy(policy_path)
+    _sandboxed(repl, policy, workspace, policy=policy)
 
 
 @main.command()
@@ -166,7 +177,8 @@ def serve(policy_path: str | None, transport: str, host: str, port: int, allow_h
             sys.exit(2)
         click.echo(f"ubertool serving MCP at http://{host}:{port}/mcp (policy: {policy.source}; "
                    f"authentication: {door.kind})", err=True)
-    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port, door=door))
+    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port, door=door),
+               policy=policy)
 
 
 @main.command()
@@ -223,7 +235,7 @@ def replay(playbook: Path, policy_path: str | None, workspace: Path | None, para
                                       as_json=as_json, journal=journal, workspace=workspace)
 
     try:
-        outcome = _sandboxed(anyio.run, go)
+        outcome = _sandboxed(anyio.run, go, policy=policy)
     except ReplayUsageError as exc:
         click.echo(f"ubertool replay: {exc}", err=True)
         sys.exit(USAGE)
@@ -239,11 +251,17 @@ def sessions() -> None:
     """List journaled sessions, or dump one as a playbook."""
 
 
+journal_policy_option = click.option(
+    "--policy", "policy_path", type=click.Path(dir_okay=False),
+    help="The policy whose [journal] to use (its url: PostgreSQL). Default: the local SQLite journal.")
+
+
 @sessions.command("list")
 @click.option("--limit", type=int, default=20, show_default=True)
-def sessions_list(limit: int) -> None:
+@journal_policy_option
+def sessions_list(limit: int, policy_path: str | None) -> None:
     """The latest runs in the journal, newest first."""
-    with Journal(default_journal_path()) as journal:
+    with _sandbox_errors(), _journal_of(policy_path) as journal:
         runs = journal.runs(limit)
     if not runs:
         click.echo("No sessions in the journal yet.")
@@ -251,6 +269,11 @@ def sessions_list(limit: int) -> None:
     click.echo(f"{'RUN':<26} {'KIND':<7} {'STARTED':<26} {'CELLS':>5}  SESSION")
     for r in runs:
         click.echo(f"{r.id:<26} {r.kind:<7} {r.started:<26} {r.cells:>5}  {r.session or '-'}")
+
+
+def _journal_of(policy_path: str | None) -> Journal:
+    """The journal the policy names (unopened; not pruned on opening)."""
+    return Journal(journal_store(_policy(policy_path).journal))
 
 
 def _days(text: str) -> float:
@@ -278,7 +301,7 @@ def sessions_prune(older_than: str | None, max_mib: int | None, policy_path: str
     retention = _policy(policy_path).journal
     older_than_s = _days(older_than) if older_than else retention.keep_days * 86_400
     max_bytes = (max_mib or retention.max_mib) * 2**20
-    with Journal(default_journal_path()) as journal:
+    with _sandbox_errors(), _journal_of(policy_path) as journal:
         pruned = journal.prune(older_than_s=older_than_s, max_bytes=max_bytes)
     click.echo(f"Removed {len(pruned.runs)} runs and {pruned.bodies} bodies; the journal holds "
                f"{pruned.held_bytes / 2**20:.1f} MiB.")
@@ -296,8 +319,9 @@ def sessions_prune(older_than: str | None, max_mib: int | None, policy_path: str
               help="The playbook's permissions (its recording gets the same without x). The default "
                    "is owner-only, since a playbook holds the session's code and its recording what "
                    "the cells printed and fetched.")
+@journal_policy_option
 def sessions_dump(ref: str, output: Path, name: str | None, description: str,
-                  params: tuple[str, ...], mode: str) -> None:
+                  params: tuple[str, ...], mode: str, policy_path: str | None) -> None:
     """Write the session REF (a run id, a prefix of one, or a session handle) as a playbook."""
     from ubertool.playbooks.dump import dump, write_playbook
     from ubertool.playbooks.format import PlaybookError, parse_assignments
@@ -307,7 +331,7 @@ def sessions_dump(ref: str, output: Path, name: str | None, description: str,
         defaults = parse_assignments(params)
     except PlaybookError as exc:
         raise click.UsageError(str(exc)) from None
-    with Journal(default_journal_path()) as journal:
+    with _sandbox_errors(), _journal_of(policy_path) as journal:
         found = journal.find_run(ref)
         if found is None:
             click.echo(f"ubertool: no single session matches {ref!r}; `ubertool sessions list` lists them",

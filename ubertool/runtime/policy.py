@@ -16,10 +16,12 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ubertool.runtime.home import state_home
+from ubertool.runtime.stores import is_postgres_url, masked_url
 from ubertool.sandbox import GUESTLIB_GUEST
 from ubertool.tools.browser import BrowserSpec
 from ubertool.tools.credentials import CredentialSpec
@@ -105,13 +107,36 @@ class Sessions(_Section):
                         Field(strict=False)] = ()
 
 
-class JournalRetention(_Section):
-    """How long and how much the journal keeps: older ended runs are pruned when a run, replay,
-    shell or server opens it (`ubertool sessions prune` does it on demand). Playbooks and their
-    recordings are files of their own and are never pruned."""
+class JournalSpec(_Section):
+    """`[journal]`: where the journal is, and how long and how much it keeps. Older ended runs
+    are pruned when a run, replay, shell or server opens it (`ubertool sessions prune` does it
+    on demand). Playbooks and their recordings are files of their own and are never pruned.
+    `url`: a PostgreSQL database (`postgresql://user@host:5432/dbname`) instead of the local
+    SQLite file, so that several front ends share one journal; a password may be in it, or
+    better in libpq's PGPASSWORD or ~/.pgpass. It is never shown: `policy show` masks it."""
 
+    url: str | None = None
     keep_days: float = Field(30.0, gt=0, le=36_500)
     max_mib: int = Field(1024, ge=1, le=1024 * 1024)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        # The message never repeats the value: it may hold a password.
+        if value is not None and (not is_postgres_url(value) or not urlsplit(value).path.strip("/")):
+            raise ValueError("must be a PostgreSQL URL naming its database, such as "
+                             "'postgresql://ubertool@db.example.com:5432/ubertool'; leave it out for "
+                             "the local SQLite journal")
+        return value
+
+
+class Telemetry(_Section):
+    """`[telemetry]`: OpenTelemetry. Off unless `otlp_endpoint` (an OTLP/HTTP collector such
+    as "http://127.0.0.1:4318") or the standard OTEL_EXPORTER_OTLP_ENDPOINT environment
+    variable names where to send spans and metrics. `service_name` names this server in them."""
+
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    service_name: str = Field("ubertool", min_length=1, max_length=200)
 
 
 class Grant(_Section):
@@ -212,7 +237,7 @@ class Policy(_Section):
     version: Literal[1] = 1
     limits: Limits = Limits()
     workspace: Workspace = Workspace()
-    journal: JournalRetention = JournalRetention()
+    journal: JournalSpec = JournalSpec()
     sessions: Sessions = Sessions()
     grants: Annotated[tuple[Grant, ...], Field(strict=False)] = ()
     mounts: Annotated[tuple[Mount, ...], Field(strict=False)] = ()
@@ -220,6 +245,7 @@ class Policy(_Section):
     tools: Tools = Tools()
     packages: PackagesSpec = PackagesSpec()
     server: Server = Server()
+    telemetry: Telemetry = Telemetry()
     source: str = Field(DEFAULT_POLICY_NAME, exclude=True)
     sha256: str = Field("", exclude=True)  # of the file's text, so a playbook knows its policy
     path: Path | None = Field(None, exclude=True)  # the file, resolved; None for the embedded one
@@ -428,6 +454,8 @@ def policy_document(policy: Policy) -> dict[str, Any]:
     data = policy.model_dump(mode="json", exclude_none=True)
     data["grants"] = [{"host": str(g.host), "guest": g.guest, "world_writable": g.world_writable}
                       for g in policy.grants]
+    if policy.journal.url is not None:
+        data["journal"]["url"] = masked_url(policy.journal.url)
     return data
 
 

@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -28,6 +27,8 @@ from ubertool.runtime.audit import AuditLog, code_hash
 from ubertool.runtime.home import cache_home, state_folder
 from ubertool.runtime.journal import Journal, JournalCell
 from ubertool.runtime.policy import DirMount, Policy
+from ubertool.runtime.stores import JournalError
+from ubertool.runtime.telemetry import CELLS, ERRORS, RESTORES
 from ubertool.sandbox import (
     CellError,
     CellResult,
@@ -48,6 +49,7 @@ from ubertool.tools.packages import PACKAGES_GUEST, PackageBroker, PackageError,
 from ubertool.tools.programs import ProgramBroker
 from ubertool.tools.recorder import Exchange, Recorder, Spool, recorded_call
 from ubertool.tools.redact import Redactor
+from ubertool.tools.tracing import audit_ids, failed, span
 from ubertool.tools.upstream import UpstreamBroker
 
 
@@ -90,8 +92,24 @@ class Run:
 
     async def cell(self, code: str, *, timeout_s: float | None = None, echo: bool = True,
                    traceparent: str | None = None) -> CellResult:
-        """Run one cell in this run's session, with its audit events (see `SandboxSession.run`).
-        The result has every secret of the run replaced by `[redacted:NAME]`."""
+        """Run one cell in this run's session, with its audit events and its span (see
+        `SandboxSession.run`). The result has every secret of the run replaced by
+        `[redacted:NAME]`."""
+        with audit_ids(run=self.id, session=self.record.session), \
+                span("ubertool.cell", code_sha256=code_hash(code)) as current:
+            result = await self._cell(code, timeout_s, echo, traceparent)
+            current.set_attributes({"ubertool.cell": result.cell, "ubertool.status": str(result.status)})
+            if result.failed:
+                failed(current, result.error.type if result.error else str(result.status))
+        CELLS.add(1, {"status": str(result.status)})
+        if result.failed:
+            ERRORS.add(1, {"kind": "cell"})
+        if result.restored is not None:
+            RESTORES.add(1, {"ok": result.restored.ok})
+        return result
+
+    async def _cell(self, code: str, timeout_s: float | None, echo: bool,
+                    traceparent: str | None) -> CellResult:
         timeout = self.timeout_for(timeout_s)
         self.audit.event("cell_start", code=code_hash(code), timeout_s=timeout, traceparent=traceparent)
         try:
@@ -104,9 +122,10 @@ class Run:
         if self.journal is not None:
             try:
                 self.journal.add_cell(self.id, journaled)
-            except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: the cell's result still counts
+            except (JournalError, OSError) as exc:  # a full disk, a lost database: the result counts
                 note = f"the journal could not record this cell ({exc}); it is not in playbooks dumped later"
                 self.audit.event("journal_failed", cell=result.cell, error=str(exc))
+                ERRORS.add(1, {"kind": "journal"})
                 result = replace(result, notes=(*result.notes, note))
         restored = result.restored
         self.audit.event(
@@ -318,7 +337,11 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
             finally:
                 audit.event("run_end")
                 if journal is not None:
-                    journal.end_run(run_id)
+                    try:
+                        journal.end_run(run_id)
+                    except JournalError as exc:  # the database is away: the run still ends
+                        audit.event("journal_failed", error=str(exc))
+                        ERRORS.add(1, {"kind": "journal"})
     finally:
         spool.close()
         if own and not policy.workspace.keep:

@@ -25,6 +25,7 @@ from fastmcp import Context, FastMCP
 from fastmcp.server.auth import AuthProvider
 from fastmcp.tools import ToolResult
 from mcp.types import ToolAnnotations
+from opentelemetry import trace
 from pydantic import Field
 
 from ubertool import __version__
@@ -37,6 +38,7 @@ from ubertool.runtime.policy import Policy
 from ubertool.runtime.reply import refusal, reply
 from ubertool.runtime.runs import Run, playbook_owner, playbooks_home
 from ubertool.runtime.sessions import STOPPING, SessionError, SessionManager
+from ubertool.runtime.telemetry import ERRORS
 from ubertool.sandbox import SessionClosed
 
 PROGRESS_AFTER_S = 1.0
@@ -105,8 +107,13 @@ def build_server(manager: SessionManager, auth: AuthProvider | None = None) -> F
             try:
                 async with manager.use(session, _connection_key(ctx), principal()) as (handle, run):
                     held = f"session {handle}, run {run.id}"
+                    # fastmcp's span of this call (it continues the client's `traceparent`).
+                    ids = {"ubertool.session": handle, "ubertool.run": run.id,
+                           "ubertool.principal": principal()}
+                    trace.get_current_span().set_attributes(ids)
                     return await _run_cell(ctx, handle, run, code, timeout_s)
             except SessionError as exc:
+                ERRORS.add(1, {"kind": "refused"})
                 return refusal(str(exc))
         return refusal(f"[cancelled] {STOPPING}: this call was stopped ({held}); the session's "
                        "finished cells are in the journal (`ubertool sessions dump`).", status="cancelled")

@@ -28,6 +28,7 @@ import anyio
 from ubertool.runtime.journal import Journal
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.runs import Run, open_run
+from ubertool.runtime.telemetry import SESSIONS
 
 ANONYMOUS = "anonymous"  # the one principal when authentication is off
 STOPPING = "the server is stopping"
@@ -206,6 +207,7 @@ class SessionManager:
         run.name_session(handle)
         run.audit.event("session_open", session=handle, principal=principal)
         live = self._live[handle] = _Live(handle, principal, run, stack, keyed=key is not None)
+        SESSIONS.add(1)
         if key is not None:
             self._by_key[(principal, key)] = handle
         return live
@@ -216,6 +218,7 @@ class SessionManager:
         self._by_key = {k: h for k, h in self._by_key.items() if h != handle}
         if live is not None:
             live.run.audit.event("session_close", session=handle, reason=reason)
+            SESSIONS.add(-1)
             await live.stack.aclose()
 
     def _expired(self, live: _Live, now: float) -> str:

@@ -14,6 +14,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from ubertool.tools import ToolFailure
 from ubertool.tools.recorder import Recorder, recorded_call
 from ubertool.tools.redact import Redactor
+from ubertool.tools.tracing import span
 
 
 class Broker:
@@ -38,15 +39,17 @@ class Broker:
 
     def _recorded(self, op: str, arguments: dict[str, Any],
                   perform: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Record the call (a replay answers it from the recording) and audit what happened."""
+        """Record the call (a replay answers it from the recording), audit what happened and
+        trace it (a span with the tool's name, never its arguments or answer)."""
         tool = f"{self.prefix}.{op}"
         started = time.monotonic()
-        try:
-            answer = recorded_call(self._recorder, tool, arguments, perform)
-        except ToolFailure as exc:
-            self._on_event("tool_call", tool=tool, ok=False, error=str(exc)[:300],
-                           duration_s=round(time.monotonic() - started, 6))
-            raise
+        with span("ubertool.tool.call", tool=tool):  # a failure marks it: error.type = ToolFailure
+            try:
+                answer = recorded_call(self._recorder, tool, arguments, perform)
+            except ToolFailure as exc:
+                self._on_event("tool_call", tool=tool, ok=False, error=str(exc)[:300],
+                               duration_s=round(time.monotonic() - started, 6))
+                raise
         self._on_event("tool_call", tool=tool, ok=True, duration_s=round(time.monotonic() - started, 6))
         return answer
 

@@ -22,6 +22,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ubertool.tools.redact import Redactor
+from ubertool.tools.tracing import span
 
 EventSink = Callable[..., None]
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -115,7 +116,8 @@ class CredentialBroker:
             if token is None or time.monotonic() >= token.refresh_at:
                 if token is not None:
                     self._redactor.forget(token.value)
-                token = self._tokens[name] = self._obtain(name, spec)
+                with span("ubertool.credential.mint", credential=name, source=spec.source):
+                    token = self._tokens[name] = self._obtain(name, spec)
                 self._redactor.add(name, token.value)
         value = f"{spec.scheme} {token.value}" if spec.scheme else token.value
         return spec.header, value

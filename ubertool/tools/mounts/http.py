@@ -36,6 +36,7 @@ from ubertool.tools.credentials import CredentialBroker, CredentialError
 from ubertool.tools.mounts import Entry
 from ubertool.tools.recorder import Body, Json, Recorder, ReplayMismatch, Spool
 from ubertool.tools.redact import Redactor
+from ubertool.tools.tracing import failed, span
 
 _METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
@@ -306,14 +307,18 @@ class HttpMount:
                                f"allows {', '.join(self.spec.methods)})")
         url = self._url(path)
         request = self._request(method, url, body)
-        try:
-            # A read is sent once per run; its answer stands until a write to the same URL.
-            response = self._recorder.exchange("http", request, lambda: self._perform(method, url, body),
-                                               reusable=method == "GET")
-        except ReplayMismatch as exc:
-            with self._lock:
-                self._notes.append(f"mount {self.spec.name}: {exc}")
-            raise OSError(errno.EIO, f"{method} {path}: not in the recording") from None
+        with span("ubertool.mount.request", mount=self.spec.name, method=method) as current:
+            try:
+                # A read is sent once per run; its answer stands until a write to the same URL.
+                response = self._recorder.exchange("http", request, lambda: self._perform(method, url, body),
+                                                   reusable=method == "GET")
+            except ReplayMismatch as exc:
+                with self._lock:
+                    self._notes.append(f"mount {self.spec.name}: {exc}")
+                raise OSError(errno.EIO, f"{method} {path}: not in the recording") from None
+            current.set_attribute("http.response.status_code", response.get("status") or 0)
+            if response.get("error") is not None:
+                failed(current, str(response["error"]))
         if method != "GET" and response.get("status") is not None:
             self._recorder.forget("http", self._request("GET", url, None))
         return self._answer(response, method, path)
