@@ -1,0 +1,88 @@
+"""Sessions that outlive their process: the monotonic clock across new interpreters, a session
+saved and resumed (image or replay), the persisted store's authentication and ownership, and a
+real server restarted under a real MCP client. Real sandbox throughout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ubertool.sandbox import PastCell, Resume, SandboxConfig, SandboxSession, Status, images
+from ubertool.sandbox import session as session_module
+
+pytestmark = pytest.mark.anyio
+
+SLEEP = "import time\ntime.sleep(100)"  # one C call: only the hard stop ends it
+
+
+async def test_the_monotonic_clock_never_goes_back_across_a_hard_stop(
+    session: SandboxSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert images.check() == ""
+    monkeypatch.setattr(session_module, "IMAGE_AFTER_S", -1.0)  # an image after every cell
+    await session.run("import time\nt0 = time.monotonic(); p0 = time.perf_counter_ns()")
+    stopped = await session.run(SLEEP, timeout_s=1.0)
+    assert stopped.status is Status.TIMEOUT and stopped.restored is not None and stopped.restored.ok
+    after = await session.run("time.monotonic() - t0, time.perf_counter_ns() - p0")
+    elapsed, elapsed_ns = eval(str(after.value))
+    # The stopped cell ran for its 1 s limit: the clock saw that time pass, and never went back.
+    assert elapsed >= 1.0 and elapsed_ns >= 10**9
+
+
+async def test_the_clock_goes_on_when_images_are_off(
+    make_config: Callable[..., SandboxConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "_checked", (False, "off for this test"))
+    async with SandboxSession(make_config()) as session:
+        # A replay measures `t0` again, so the value read before the stop is kept here.
+        before = float(str((await session.run("import time\ntime.monotonic()")).value))
+        await session.run(SLEEP, timeout_s=1.0)
+        after = float(str((await session.run("time.monotonic()")).value))
+        assert after - before >= 1.0
+
+
+async def _saved_and_resumed(config: SandboxConfig, setup: str) -> tuple[SandboxSession, str]:
+    """A session that ran `setup`, saved, closed, and a new one resumed from what it saved."""
+    async with SandboxSession(config) as first:
+        result = await first.run(setup)
+        assert result.status is Status.OK, result
+        saved = await first.save()
+        history = tuple(PastCell(c.number, c.code, c.echo, c.status, c.exchanges, c.duration_s)
+                        for c in first._history)
+    return SandboxSession(config, resume=Resume(history, saved.image, saved.through, saved.next_cell,
+                                                saved.clock_ns)), saved.why
+
+
+async def test_a_saved_session_resumes_exactly_in_a_new_session(
+    make_config: Callable[..., SandboxConfig], tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    config = replace(make_config(), root=root)
+    setup = ("import random, time\nr = random.random()\nt0 = time.monotonic()\n"
+             "f = open('/tmp/held', 'w+'); f.write('abc'); f.flush()")
+    resumed, why = await _saved_and_resumed(config, setup)
+    assert why == ""
+    async with resumed as session:
+        result = await session.run("f.write('d'); f.seek(0); r2 = r; f.read(), time.monotonic() >= t0")
+        assert str(result.value) == "('abcd', True)"
+        assert result.cell == 2
+        assert any("resumed after a server restart from its saved image" in n for n in result.notes)
+
+
+async def test_a_refused_image_falls_back_to_replay(
+    make_config: Callable[..., SandboxConfig], tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    config = replace(make_config(), root=root)
+    resumed, _ = await _saved_and_resumed(config, "x = 41")
+    other = replace(config, about="another configuration")  # its fingerprint differs
+    resumed.config = other
+    async with resumed as session:
+        result = await session.run("x + 1")
+        assert str(result.value) == "42"
+        assert any("by replaying its 1 cells" in n and "another configuration" in n for n in result.notes)
