@@ -4,11 +4,17 @@ real server restarted under a real MCP client. Real sandbox throughout."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import cli_env, ubertool_command
+from fastmcp.server.auth.providers.jwt import RSAKeyPair
+from servers import free_port, start_http_server
+from test_http_front_door import AUDIENCE, ISSUER, KID, as_principal, audit, call, jwks_server, text
 
 from ubertool.sandbox import PastCell, Resume, SandboxConfig, SandboxSession, Status, images
 from ubertool.sandbox import session as session_module
@@ -86,3 +92,63 @@ async def test_a_refused_image_falls_back_to_replay(
         result = await session.run("x + 1")
         assert str(result.value) == "42"
         assert any("by replaying its 1 cells" in n and "another configuration" in n for n in result.notes)
+
+
+# ---- A real server, stopped and started again, under real MCP clients ---------------------------
+
+def _flip_a_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+async def test_a_session_outlives_a_server_restart(_isolated_home: Path, tmp_path: Path) -> None:
+    keys = RSAKeyPair.generate()
+    with jwks_server(keys) as jwks:
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f'[server.oauth]\nissuer = "{ISSUER}"\naudience = "{AUDIENCE}"\n'
+                          f'jwks_uri = "{jwks}"\n')
+        alice, mallory = (keys.create_token(subject=who, issuer=ISSUER, audience=AUDIENCE, kid=KID)
+                          for who in ("alice", "mallory"))
+        env = {**cli_env(), "UBERTOOL_HOME": str(_isolated_home)}
+        port = free_port()
+
+        def restart(server: subprocess.Popen[bytes] | None) -> tuple[subprocess.Popen[bytes], str]:
+            if server is not None:
+                server.send_signal(signal.SIGTERM)  # the clean stop saves every session
+                assert server.wait(timeout=60) == 0
+            return start_http_server(ubertool_command(), env, ("--policy", str(policy)), port=port)
+
+        server, url = restart(None)
+        try:
+            async with as_principal(url, alice) as client:
+                first = await call(client, "import random\nr = random.random()\n"
+                                           "f = open('/tmp/held', 'w+'); f.write('abc'); f.flush()\nrepr(r)")
+                handle, r = first.structured_content["session"], first.structured_content["value"]
+            server, url = restart(server)
+            saved = _isolated_home / "sessions"
+            assert (saved / f"{handle}.json").stat().st_mode & 0o777 == 0o600
+            assert (_isolated_home / "sessions.key").stat().st_mode & 0o777 == 0o600
+
+            # Another principal holding the handle gets exactly the unknown-handle answer.
+            async with as_principal(url, mallory) as client:
+                stolen = await call(client, "r", session=handle)
+                assert stolen.is_error and text(stolen).startswith(f"no open session {handle!r}")
+            async with as_principal(url, alice) as client:
+                back = await call(client, "f.write('d'); f.seek(0); repr(r), f.read()", session=handle)
+                assert back.structured_content["value"] == f"({r}, 'abcd')", text(back)
+                assert any("from its saved image" in n for n in back.structured_content["notes"])
+
+            # A byte of the saved image flipped: the image is refused, the session replays and says so.
+            server, url = restart(server)
+            _flip_a_byte(saved / f"{handle}.image", -100)
+            async with as_principal(url, alice) as client:
+                again = await call(client, "f.seek(0); f.read()", session=handle)
+                assert again.structured_content["status"] == "ok", text(again)
+                notes = " ".join(again.structured_content["notes"])
+                assert "by replaying" in notes and "its MAC does not match" in notes, notes
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    refused = [e for e in audit(_isolated_home, "server/audit.jsonl") if e["event"] == "session_refused"]
+    assert [e["principal"] for e in refused] == ["oauth:mallory"]
