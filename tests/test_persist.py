@@ -10,12 +10,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import cli_env, ubertool_command
+from fastmcp import Client
 from fastmcp.server.auth.providers.jwt import RSAKeyPair
 from servers import free_port, start_http_server
 from test_http_front_door import AUDIENCE, ISSUER, KID, as_principal, audit, call, jwks_server, text
 
+from ubertool.runtime.persist import Record, RecordRefused, SessionStore
 from ubertool.sandbox import PastCell, Resume, SandboxConfig, SandboxSession, Status, images
 from ubertool.sandbox import session as session_module
 
@@ -152,3 +155,80 @@ async def test_a_session_outlives_a_server_restart(_isolated_home: Path, tmp_pat
             server.wait(timeout=60)
     refused = [e for e in audit(_isolated_home, "server/audit.jsonl") if e["event"] == "session_refused"]
     assert [e["principal"] for e in refused] == ["oauth:mallory"]
+
+
+async def test_an_idle_session_is_saved_and_survives_a_crash(_isolated_home: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[sessions]\npersist_idle_s = 0.5\n")
+    env = {**cli_env(), "UBERTOOL_HOME": str(_isolated_home)}
+    port = free_port()
+    server, url = start_http_server(ubertool_command(), env, ("--policy", str(policy)), port=port)
+    try:
+        async with Client(url, timeout=60) as client:
+            first = await call(client, "import random\nr = random.random()\nrepr(r)")
+            handle, r = first.structured_content["session"], first.structured_content["value"]
+            saved = _isolated_home / "sessions" / f"{handle}.image"
+            for _ in range(100):  # saved once idle past persist_idle_s (the reaper looks every 0.25 s)
+                if saved.exists():
+                    break
+                await anyio.sleep(0.1)
+            assert saved.exists()
+            await call(client, "later = [1, 2]", session=handle)  # in the journal, not in the image
+        server.send_signal(signal.SIGKILL)  # no clean stop: only what was saved when idle
+        server.wait(timeout=60)
+        server, url = start_http_server(ubertool_command(), env, ("--policy", str(policy)), port=port)
+        async with Client(url, timeout=60) as client:
+            back = await call(client, "repr(r), later", session=handle)
+            assert back.structured_content["value"] == f"({r}, [1, 2])", text(back)
+            assert any("from its saved image and 1 later cells replayed" in n
+                       for n in back.structured_content["notes"])
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+# ---- The store on its own: what it refuses ------------------------------------------------------
+
+def _store(home: Path) -> SessionStore:
+    return SessionStore(home / "sessions", home / "sessions.key")
+
+
+def _record(handle: str = "s-" + "a" * 16, owner: str = "alice") -> Record:
+    return Record(handle, "run-1", owner, 3, 4, 10**9, 1.0, 0.0)
+
+
+def test_the_store_refuses_what_was_changed(tmp_path: Path) -> None:
+    (tmp_path / "sessions").mkdir(mode=0o700)
+    store = _store(tmp_path)
+    record = _record()
+    store.save(record, b"memory" * 1000)
+    assert store.record(record.handle) == record
+    assert store.image(record) == (b"memory" * 1000, "")
+    image = tmp_path / "sessions" / f"{record.handle}.image"
+    whole = image.read_bytes()
+
+    image.write_bytes(whole[:-10])  # cut short
+    assert store.image(record)[0] is None and "MAC does not match" in store.image(record)[1]
+    image.write_bytes(whole)
+    # The same image under a record that says another position (or owner) is not its image.
+    assert store.image(replace(record, through=2))[0] is None
+    assert store.image(replace(record, owner="mallory"))[0] is None
+    # An image made with another key (another state folder) is refused.
+    (tmp_path / "other").mkdir()
+    assert SessionStore(tmp_path / "sessions", tmp_path / "other" / "key").image(record)[0] is None
+
+    path = tmp_path / "sessions" / f"{record.handle}.json"
+    path.write_text(path.read_text().replace('\\"owner\\": \\"alice\\"', '\\"owner\\": \\"mallory\\"'))
+    assert "mallory" in path.read_text()
+    with pytest.raises(RecordRefused, match="MAC"):
+        store.record(record.handle)
+
+
+def test_the_store_names_files_only_by_a_handle(tmp_path: Path) -> None:
+    (tmp_path / "sessions").mkdir(mode=0o700)
+    store = _store(tmp_path)
+    for bad in ("../sessions.key", "s-../../x", "s-" + "a" * 15 + "/", ""):
+        with pytest.raises(RecordRefused, match="not a session handle"):
+            store.record(bad)
+    assert (tmp_path / "sessions.key").stat().st_mode & 0o777 == 0o600
+    assert len((tmp_path / "sessions.key").read_bytes()) == 32
