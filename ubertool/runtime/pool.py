@@ -72,7 +72,6 @@ class RunPool:
             journal.start_run(run.id, "mcp", self.policy.source, self.policy.sha256)
             stack.callback(journal.end_run, run.id)  # before the run's own end (last in, first out)
             run = replace(run, journal=journal)
-        run.audit.event("run_taken", principal=principal)
         return run, stack
 
     async def aclose(self) -> None:
