@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,10 @@ from fastmcp.server.auth.providers.jwt import RSAKeyPair
 from servers import free_port, start_http_server
 from test_http_front_door import AUDIENCE, ISSUER, KID, as_principal, audit, call, jwks_server, text
 
+from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.persist import Record, RecordRefused, SessionStore
+from ubertool.runtime.policy import default_policy
+from ubertool.runtime.sessions import SessionManager
 from ubertool.sandbox import PastCell, Resume, SandboxConfig, SandboxSession, Status, images
 from ubertool.sandbox import session as session_module
 
@@ -232,3 +236,38 @@ def test_the_store_names_files_only_by_a_handle(tmp_path: Path) -> None:
             store.record(bad)
     assert (tmp_path / "sessions.key").stat().st_mode & 0o777 == 0o600
     assert len((tmp_path / "sessions.key").read_bytes()) == 32
+
+
+# ---- The pool of ready sessions -----------------------------------------------------------------
+
+async def test_a_new_session_comes_from_the_pool_ready_and_reseeded(_isolated_home: Path) -> None:
+    policy = default_policy()
+    # A template whose image holds `random`'s state: without the reseed, both would draw alike.
+    sessions = policy.sessions.model_copy(update={"pool": 2, "template": ("random",)})
+    policy = policy.model_copy(update={"sessions": sessions})
+    with Journal(default_journal_path()) as journal:
+        async with SessionManager(policy, journal=journal).running() as manager:
+            with anyio.fail_after(120):
+                while len(manager.pool.runs) < 2:
+                    await anyio.sleep(0.05)
+            pooled = {run.id for run in manager.pool.runs}
+            drawn = []
+            for _ in range(2):
+                started = time.perf_counter()
+                async with manager.use(None, None, "alice") as (handle, run):
+                    result = await run.cell("import random\nrandom.random()")
+                elapsed = time.perf_counter() - started
+                assert run.id in pooled and run.record.principal == "alice"
+                assert elapsed < 1.0  # milliseconds when the machine is quiet (bench/images.py)
+                assert journal.find_run(handle) is not None  # journaled once taken
+                drawn.append(str(result.value))
+            assert drawn[0] != drawn[1]
+            with anyio.fail_after(120):  # refilled in the background
+                while len(manager.pool.runs) < 2:
+                    await anyio.sleep(0.05)
+    assert len(journal_runs(_isolated_home)) == 2  # the two never taken were not journaled
+
+
+def journal_runs(home: Path) -> list[str]:
+    with Journal(home / "journal.sqlite") as journal:
+        return [run.id for run in journal.runs()]

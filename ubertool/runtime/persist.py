@@ -37,7 +37,7 @@ from ubertool.runtime.journal import Journal
 from ubertool.runtime.runs import Resumed, Run
 from ubertool.sandbox import PastCell, Resume, Status
 from ubertool.sandbox.result import COMPLETED
-from ubertool.tools.files import open_private
+from ubertool.tools.files import open_private, remove_tree
 
 log = logging.getLogger("ubertool.runtime")
 
@@ -178,7 +178,7 @@ class SessionStore:
     def prune(self, live_runs: Iterable[str], older_than_s: float) -> list[str]:
         """Delete saved sessions whose run is not in `live_runs` (pruned from the journal, or
         never in it), saved more than `older_than_s` ago, or whose record fails its check;
-        returns their handles."""
+        returns the runs of those whose record could be read."""
         keep = set(live_runs)
         removed = []
         for handle in self.handles():
@@ -188,11 +188,26 @@ class SessionStore:
                 record = None
             if record is None or record.run_id not in keep or time.time() - record.saved_at > older_than_s:
                 self.delete(handle)
-                removed.append(handle)
+                removed += [record.run_id] if record is not None else []
         for orphan in self.folder.glob("s-*.image"):  # an image whose record is gone
             if HANDLE.match(orphan.stem) and not orphan.with_suffix(".json").exists():
                 orphan.unlink(missing_ok=True)
         return removed
+
+
+def prune_saved(store: SessionStore, journal: Journal, older_than_s: float, keep_workspaces: bool) -> int:
+    """`store.prune` against the journal's runs; the folders the pruned sessions kept (their
+    private root, and their workspace unless the policy keeps workspaces) are removed too.
+    Returns how many were pruned. Blocks."""
+    runs = store.prune([run.id for run in journal.runs(limit=2**31)], older_than_s)
+    for run_id in runs:
+        folder = state_folder("runs", run_id)
+        for name in ("root", *(() if keep_workspaces else ("workspace",))):
+            try:
+                remove_tree(folder / name)
+            except OSError as exc:  # left behind, still owner-only
+                log.warning("%s could not be removed: %s", folder / name, exc)
+    return len(runs)
 
 
 def _binding(record: Record) -> dict[str, object]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from ubertool.runtime.journal import Journal
-from ubertool.runtime.persist import NotYours, SessionStore, load_session, save_session
+from ubertool.runtime.persist import NotYours, SessionStore, load_session, prune_saved, save_session
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.pool import RunPool
 from ubertool.runtime.runs import Run, open_run
@@ -93,9 +93,8 @@ class SessionManager:
         """Serve: reap idle and old sessions in the background; on exit stop the calls in
         flight (see `stop`) and close every session, each run ended in the journal."""
         if self.store is not None and self.journal is not None:
-            live_runs = [run.id for run in self.journal.runs(limit=1_000_000)]
-            keep_s = self.policy.journal.keep_days * 86_400
-            await anyio.to_thread.run_sync(self.store.prune, live_runs, keep_s)
+            await anyio.to_thread.run_sync(prune_saved, self.store, self.journal,
+                                           self.policy.journal.keep_days * 86_400, self.policy.workspace.keep)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._reaper)
             if self.pool.size:
