@@ -74,6 +74,15 @@ class RunPool:
             run = replace(run, journal=journal)
         return run, stack
 
+    async def drop(self) -> bool:
+        """Close one ready run (the host needs its memory); whether there was one."""
+        if not self._ready:
+            return False
+        _, stack = self._ready.pop()
+        with anyio.CancelScope(shield=True):
+            await stack.aclose()
+        return True
+
     async def aclose(self) -> None:
         """Close every ready run."""
         with anyio.CancelScope(shield=True):

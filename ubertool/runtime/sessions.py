@@ -201,6 +201,8 @@ class SessionManager:
             scope, candidates = "the server's", list(self._live.values())
             why = f"{len(self._live)} sessions are open, the policy's limits.max_sessions"
         elif (held := self.host_bytes()) + NEW_SESSION_BYTES > self.policy.limits.host_memory_mib * 2**20:
+            if await self.pool.drop():  # a session opened ahead of need goes before anyone's
+                return True
             scope, candidates = "the server's", list(self._live.values())
             why = (f"the open sessions hold {held / 2**20:.0f} MiB, and a new one would pass the policy's "
                    f"limits.host_memory_mib ({self.policy.limits.host_memory_mib})")
@@ -289,8 +291,9 @@ class SessionManager:
         return live
 
     async def _pool_room(self) -> bool:
-        """Whether the host has room for one more pooled session (sessions and memory)."""
-        held = self.host_bytes() + NEW_SESSION_BYTES
+        """Whether the host has room for one more pooled session and, beside it, a new one
+        opened on demand: the pool only uses what no session would need."""
+        held = self.host_bytes() + 2 * NEW_SESSION_BYTES
         return (len(self._live) + len(self.pool.runs) < self.policy.limits.max_sessions
                 and held <= self.policy.limits.host_memory_mib * 2**20)
 
