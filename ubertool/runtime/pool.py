@@ -22,6 +22,9 @@ from ubertool.runtime.runs import Run, open_run
 
 log = logging.getLogger("ubertool.runtime")
 
+# A refill waits this long after a take: opening an interpreter takes the CPU (and the GIL)
+# the taken session's first cells need, and those are what the pool is for.
+REFILL_AFTER_S = 0.5
 RETRY_S = 5.0  # after a pooled run failed to open, or the budget had no room for one
 
 
@@ -47,6 +50,7 @@ class RunPool:
             if len(self._ready) >= self.size:
                 self._wanted = anyio.Event()
                 await self._wanted.wait()
+                await anyio.sleep(REFILL_AFTER_S)
                 continue
             if not await self._room():
                 await anyio.sleep(RETRY_S)

@@ -196,9 +196,11 @@ class SandboxSession:
             cells = sum(1 for cell in self._history if cell.number <= resume.through)
             self._base = _Base(image, cells, self._start.names, self._start.files)
         report = self._restore()
+        if image is not None and self._base.image is None:  # it did not go in: every cell replayed
+            note = "it could not be put into a new interpreter"
         if not report.ok:
             self._pending.append(f"the session was resumed after a server restart, but {report.reason}")
-        elif image is not None:
+        elif self._base.image is not None:
             self._pending.append(f"the session was resumed after a server restart from its saved image"
                                  f"{f' and {report.cells} later cells replayed' if report.cells else ''}")
         else:
