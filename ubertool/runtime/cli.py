@@ -21,6 +21,7 @@ import tomli_w
 from ubertool import __version__
 from ubertool.runtime.home import tighten_state_home
 from ubertool.runtime.journal import Journal, journal_store
+from ubertool.runtime.persist import SessionStore, prune_saved
 from ubertool.runtime.policy import (
     DEFAULT_POLICY_NAME,
     Policy,
@@ -294,17 +295,20 @@ def _days(text: str) -> float:
               "journal holds at most this much. Default: the policy's journal.max_mib.")
 @policy_option
 def sessions_prune(older_than: str | None, max_mib: int | None, policy_path: str | None) -> None:
-    """Remove old runs from the journal, and the bodies no other run refers to.
+    """Remove old runs from the journal, the bodies no other run refers to, and the saved
+    sessions of the runs removed (or saved longer ago than AGE).
 
     Runs still going are kept; playbooks and their recordings are never touched.
     """
-    retention = _policy(policy_path).journal
+    policy = _policy(policy_path)
+    retention = policy.journal
     older_than_s = _days(older_than) if older_than else retention.keep_days * 86_400
     max_bytes = (max_mib or retention.max_mib) * 2**20
     with _sandbox_errors(), _journal_of(policy_path) as journal:
         pruned = journal.prune(older_than_s=older_than_s, max_bytes=max_bytes)
-    click.echo(f"Removed {len(pruned.runs)} runs and {pruned.bodies} bodies; the journal holds "
-               f"{pruned.held_bytes / 2**20:.1f} MiB.")
+        saved = prune_saved(SessionStore.default(), journal, older_than_s, policy.workspace.keep)
+    click.echo(f"Removed {len(pruned.runs)} runs and {pruned.bodies} bodies, and {saved} saved sessions; "
+               f"the journal holds {pruned.held_bytes / 2**20:.1f} MiB.")
 
 
 @sessions.command("dump")

@@ -101,10 +101,18 @@ class Sessions(_Section):
     """How a session starts. `template`: modules a new session finds already imported (e.g.
     ["numpy", "pandas", "matplotlib.pyplot"]): the first session imports them once into an
     image kept for the process, later ones start from a reseeded copy. Without session images
-    (their self-test failed) it has no effect."""
+    (their self-test failed) it has no effect. `persist`, `persist_idle_s`: saved sessions;
+    `pool`: sessions opened ahead of need (a server's)."""
 
     template: Annotated[tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*$")], ...],
                         Field(strict=False)] = ()
+    # A server's sessions outlive it: saved when idle `persist_idle_s` and when the server stops,
+    # resumed by their handle after a restart (SECURITY.md, "Saved sessions").
+    persist: bool = True
+    persist_idle_s: PositiveSeconds = 30.0
+    # Sessions a server keeps opened ahead of need, so a new session's first cell does not wait
+    # for an interpreter (or its template) to open; 0: none.
+    pool: int = Field(1, ge=0, le=16)
 
 
 class JournalSpec(_Section):

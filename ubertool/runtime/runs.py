@@ -35,6 +35,7 @@ from ubertool.sandbox import (
     HostFolder,
     Limits,
     ProviderMount,
+    Resume,
     SandboxConfig,
     SandboxSession,
     SandboxStartError,
@@ -64,6 +65,17 @@ class RunRecord:
     session: str | None = None
     principal: str | None = None  # who opened it, for a server's run
     packages: list[str] = field(default_factory=list)  # `name==version` the session started with
+    suspended: bool = False  # saved to resume after a restart: its folders outlive this process
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A run that a stopped server saved, to go on with (`open_run(resume=...)`): its id, its
+    journaled cells, and what its sandbox session resumes from."""
+
+    run_id: str
+    cells: tuple[JournalCell, ...]
+    session: Resume
 
 
 @dataclass(frozen=True)
@@ -234,7 +246,8 @@ def playbook_owner(name: str) -> str | None:
 @contextmanager
 def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: Redactor,
                    record: RunRecord, spool: Spool, replay: Sequence[Exchange] | None = None,
-                   pins: dict[str, str] | None = None, offline: bool = False) -> Iterator[SandboxConfig]:
+                   pins: dict[str, str] | None = None, offline: bool = False,
+                   root: Path | None = None) -> Iterator[SandboxConfig]:
     """The sandbox's view of the policy for one run, with the run's brokers (closed on exit).
     Response bodies are kept in `spool`, not memory. With `replay`, every outside exchange is
     answered from it and nothing is sent. `pins` (name -> version) fix the packages' versions;
@@ -281,7 +294,7 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
                                    *upstream.tools(), *packages.tools()),
                             limits=_limits(policy), about=about_text(policy, packages.installed),
                             import_path=(PACKAGES_GUEST,) if packages.site is not None else (),
-                            template=policy.sessions.template)
+                            template=policy.sessions.template, root=root)
 
 
 @contextmanager
@@ -297,45 +310,51 @@ def _packages_named() -> Iterator[None]:
 async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Journal | None = None,
                    kind: str = "run", replay: Sequence[Exchange] | None = None,
                    principal: str | None = None, pins: dict[str, str] | None = None,
-                   offline: bool = False) -> AsyncIterator[Run]:
+                   offline: bool = False, resume: Resumed | None = None) -> AsyncIterator[Run]:
     """Start a run: make its workspace, audit log and brokers, open its sandbox; on exit close
     them all (credentials are revoked then). `kind` (mcp, run, shell, replay) goes to the
     journal, when one is given; `replay` answers outside exchanges from a recording;
     `principal` (a server's client) is audited and owns the playbooks the run saves; `pins`
-    fix package versions (a playbook's); `offline` fetches no package.
+    fix package versions (a playbook's); `offline` fetches no package; `resume` goes on with a
+    run a stopped server saved (its id, workspace, private root and cells; the journal's row
+    is used as it is, and marked ended again when this run ends).
 
     Raises:
         SandboxStartError: the sandbox, or the policy's packages, could not be set up.
 
     With `workspace` the given host folder (made if missing) is the workspace and is kept.
     Otherwise the run gets `<state>/runs/<id>/workspace`, removed at the end unless the
-    policy says `workspace.keep`. The audit log `<state>/runs/<id>/audit.jsonl` is kept.
+    policy says `workspace.keep`. The guest's private root (its /tmp and HOME) is
+    `<state>/runs/<id>/root`, removed at the end. A run whose record says `suspended` when it
+    ends keeps both. The audit log `<state>/runs/<id>/audit.jsonl` is kept.
     """
-    run_id = new_run_id()
+    run_id = resume.run_id if resume is not None else new_run_id()
     own = workspace is None
     run_dir = state_folder("runs", run_id)
+    root = private_folder(run_dir / "root")
     if own:
         folder = private_folder(run_dir / "workspace")
     else:
         folder = Path(workspace).resolve()
         folder.mkdir(parents=True, exist_ok=True)
     redactor = Redactor()
-    record = RunRecord(run_id, kind, policy, principal=principal)
+    record = RunRecord(run_id, kind, policy, principal=principal,
+                       cells=list(resume.cells) if resume is not None else [])
     spool = Spool(run_dir / "bodies")
     try:
         with AuditLog(run_dir / "audit.jsonl", run_id, redactor) as audit, \
                 _packages_named(), \
                 sandbox_config(policy, folder, audit, redactor, record, spool, replay, pins,
-                               offline) as config:
+                               offline, root) as config:
             audit.event("run_start", run_kind=kind, policy=policy.source, workspace=str(folder),
-                        principal=principal)
-            if journal is not None:
+                        principal=principal, resumed=resume is not None or None)
+            if journal is not None and resume is None:
                 journal.start_run(run_id, kind, policy.source, policy.sha256)
             try:
-                async with SandboxSession(config) as session:
+                async with SandboxSession(config, resume=resume.session if resume else None) as session:
                     yield Run(run_id, policy, folder, audit, redactor, session, record, journal)
             finally:
-                audit.event("run_end")
+                audit.event("run_end", suspended=record.suspended or None)
                 if journal is not None:
                     try:
                         journal.end_run(run_id)
@@ -344,6 +363,8 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
                         ERRORS.add(1, {"kind": "journal"})
     finally:
         spool.close()
-        if own and not policy.workspace.keep:
-            with contextlib.suppress(OSError):  # left behind, it is still owner-only
+        with contextlib.suppress(OSError):  # left behind, they are still owner-only
+            if not record.suspended:
+                remove_tree(root)
+            if own and not policy.workspace.keep and not record.suspended:
                 remove_tree(folder)

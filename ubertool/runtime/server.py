@@ -34,6 +34,7 @@ from ubertool.runtime.about import tool_description
 from ubertool.runtime.audit import AuditLog
 from ubertool.runtime.frontdoor import FrontDoor, principal, server_audit
 from ubertool.runtime.journal import Journal
+from ubertool.runtime.persist import SessionStore
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.reply import refusal, reply
 from ubertool.runtime.runs import Run, playbook_owner, playbooks_home
@@ -202,13 +203,15 @@ async def serve(policy: Policy, transport: str, *, host: str = "127.0.0.1", port
     """Serve until the transport ends (stdin closed) or SIGINT/SIGTERM stops it cleanly.
     Over HTTP, `door` guards every request (default: loopback names only, no auth)."""
     with Journal.default(policy.journal) as journal:
+        store = SessionStore.default() if policy.sessions.persist else None
         if transport != "http":
-            async with SessionManager(policy, journal=journal).running() as manager:
+            async with SessionManager(policy, journal=journal, store=store).running() as manager:
                 await _serve_stdio(build_server(manager), manager)
             return
         door = door or FrontDoor()
         with server_audit(transport="http", host=host, port=port, auth=door.kind,
                           allowed_hosts=list(door.allowed_hosts) or None,
                           allowed_origins=list(door.allowed_origins) or None) as audit:
-            async with SessionManager(policy, journal=journal, on_event=audit.event).running() as manager:
+            async with SessionManager(policy, journal=journal, on_event=audit.event,
+                                      store=store).running() as manager:
                 await _serve_http(build_server(manager, door.auth), manager, door, audit, host, port)

@@ -17,6 +17,7 @@ closed after `[server] unused_session_idle_s` (unless its connection names it: s
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,9 +27,14 @@ from dataclasses import dataclass, field
 import anyio
 
 from ubertool.runtime.journal import Journal
+from ubertool.runtime.persist import NotYours, SessionStore, load_session, prune_saved, save_session
 from ubertool.runtime.policy import Policy
+from ubertool.runtime.pool import RunPool
 from ubertool.runtime.runs import Run, open_run
 from ubertool.runtime.telemetry import SESSIONS
+from ubertool.sandbox import SessionClosed
+
+log = logging.getLogger("ubertool.runtime")
 
 ANONYMOUS = "anonymous"  # the one principal when authentication is off
 STOPPING = "the server is stopping"
@@ -54,6 +60,7 @@ class _Live:
     keyed: bool = False  # bound to a connection (stdio, Mcp-Session-Id), which names it in every call
     calls: int = 0  # calls that asked for this session, the one that opened it included
     active: int = 0  # calls holding it now (from `use` until their reply)
+    saved_calls: int = -1  # `calls` when it was last saved (`[sessions] persist`)
 
     def idle(self) -> bool:
         return self.active == 0 and not self.run.session.busy
@@ -67,9 +74,12 @@ class SessionManager:
     """
 
     def __init__(self, policy: Policy, *, journal: Journal | None = None, reap_every_s: float = 5.0,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None, store: SessionStore | None = None) -> None:
         self.policy = policy
         self.journal = journal
+        # Saved sessions (`[sessions] persist`): they need the journal, to replay what an image lacks.
+        self.store = store if journal is not None else None
+        self.pool = RunPool(policy, policy.sessions.pool, self._pool_room)
         self._live: dict[str, _Live] = {}
         self._by_key: dict[tuple[str, str], str] = {}
         self._lock = anyio.Lock()
@@ -83,16 +93,23 @@ class SessionManager:
     async def running(self) -> AsyncIterator[SessionManager]:
         """Serve: reap idle and old sessions in the background; on exit stop the calls in
         flight (see `stop`) and close every session, each run ended in the journal."""
+        if self.store is not None and self.journal is not None:
+            await anyio.to_thread.run_sync(prune_saved, self.store, self.journal,
+                                           self.policy.journal.keep_days * 86_400, self.policy.workspace.keep)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._reaper)
+            if self.pool.size:
+                tg.start_soon(self.pool.fill)
             try:
                 yield self
             finally:
                 tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     await self.stop()
+                    await self.pool.aclose()
                     for handle in list(self._live):
-                        await self.close(handle, reason="server stopping")
+                        saved = await self._save(handle)
+                        await self.close(handle, reason="server stopping", suspend=saved)
 
     async def stop(self) -> None:
         """Refuse new calls and stop the cells in flight; returns when every call has been
@@ -151,13 +168,16 @@ class SessionManager:
                     self._on_event("session_refused", principal=principal, owner_run=live.run.id,
                                    reason="another principal's session")
                     live = None
+                elif live is None:
+                    live = await self._resume(handle, principal)
                 if live is None:
                     raise SessionError(
                         f"no open session {handle!r}: it expired (idle over "
                         f"{self.policy.limits.session_idle_s:g} s or older than "
                         f"{self.policy.limits.session_lifetime_s:g} s), was closed, the server "
-                        "restarted, or it never existed. Call again without `session` to start a new "
-                        "one (its finished cells are in the journal: `ubertool sessions dump`).")
+                        "restarted before it could be saved, or it never existed. Call again "
+                        "without `session` to start a new one (its finished cells are in the "
+                        "journal: `ubertool sessions dump`).")
                 return live
             bound = self._by_key.get((principal, key)) if key is not None else None
             if bound is not None and bound in self._live:
@@ -182,6 +202,8 @@ class SessionManager:
             scope, candidates = "the server's", list(self._live.values())
             why = f"{len(self._live)} sessions are open, the policy's limits.max_sessions"
         elif (held := self.host_bytes()) + NEW_SESSION_BYTES > self.policy.limits.host_memory_mib * 2**20:
+            if await self.pool.drop():  # a session opened ahead of need goes before anyone's
+                return True
             scope, candidates = "the server's", list(self._live.values())
             why = (f"the open sessions hold {held / 2**20:.0f} MiB, and a new one would pass the policy's "
                    f"limits.host_memory_mib ({self.policy.limits.host_memory_mib})")
@@ -197,13 +219,18 @@ class SessionManager:
 
     def host_bytes(self) -> int:
         """What the open sessions hold on the host (guest memory and images), as of their last cells."""
-        return sum(live.run.session.host_bytes for live in self._live.values())
+        runs = [live.run for live in self._live.values()] + self.pool.runs
+        return sum(run.session.host_bytes for run in runs)
 
     async def _open(self, key: str | None, principal: str) -> _Live:
         handle = "s-" + secrets.token_urlsafe(12)
-        stack = AsyncExitStack()
-        run = await stack.enter_async_context(open_run(self.policy, journal=self.journal, kind="mcp",
-                                                       principal=principal))
+        taken = self.pool.take(principal, self.journal)
+        if taken is not None:
+            run, stack = taken
+        else:
+            stack = AsyncExitStack()
+            run = await stack.enter_async_context(open_run(self.policy, journal=self.journal, kind="mcp",
+                                                           principal=principal))
         run.name_session(handle)
         run.audit.event("session_open", session=handle, principal=principal)
         live = self._live[handle] = _Live(handle, principal, run, stack, keyed=key is not None)
@@ -212,14 +239,67 @@ class SessionManager:
             self._by_key[(principal, key)] = handle
         return live
 
-    async def close(self, handle: str, *, reason: str) -> None:
-        """Close one session and free its interpreter; unknown handles are ignored."""
+    async def close(self, handle: str, *, reason: str, suspend: bool = False) -> None:
+        """Close one session and free its interpreter; unknown handles are ignored. With
+        `suspend` (it was just saved), its folders and saved state are kept to resume it after a
+        restart; otherwise what was saved of it is deleted."""
         live = self._live.pop(handle, None)
         self._by_key = {k: h for k, h in self._by_key.items() if h != handle}
         if live is not None:
-            live.run.audit.event("session_close", session=handle, reason=reason)
+            live.run.audit.event("session_close", session=handle, reason=reason, suspended=suspend or None)
+            live.run.record.suspended = suspend
             SESSIONS.add(-1)
             await live.stack.aclose()
+        if self.store is not None and not suspend:
+            await anyio.to_thread.run_sync(self.store.delete, handle)
+
+    async def _save(self, handle: str) -> bool:
+        """Save a live session to the store (`[sessions] persist`); whether it was saved.
+        A failure is logged and audited: the session then ends as it would without the store."""
+        live = self._live.get(handle)
+        if live is None or self.store is None:
+            return False
+        try:
+            await save_session(self.store, handle, live.principal, live.run, time.monotonic() - live.opened)
+        except (OSError, SessionClosed) as exc:
+            log.warning("session %s could not be saved: %s", handle, exc)
+            live.run.audit.event("session_save_failed", session=handle, error=str(exc))
+            return False
+        live.saved_calls = live.calls
+        return True
+
+    async def _resume(self, handle: str, principal: str) -> _Live | None:
+        """The saved session `handle` of `principal`, opened again; None when there is none."""
+        if self.store is None or self.journal is None:
+            return None
+        try:
+            loaded = await load_session(self.store, self.journal, handle, principal)
+        except NotYours as exc:
+            self._on_event("session_refused", principal=principal, owner_run=str(exc),
+                           reason="another principal's saved session")
+            return None
+        if loaded is None:
+            return None
+        record, resumed = loaded
+        while await self._make_room(principal):
+            pass
+        stack = AsyncExitStack()
+        run = await stack.enter_async_context(open_run(self.policy, journal=self.journal, kind="mcp",
+                                                       principal=principal, resume=resumed))
+        run.record.session = handle
+        run.audit.event("session_resumed", session=handle, principal=principal, through=record.through)
+        live = self._live[handle] = _Live(handle, principal, run, stack)
+        SESSIONS.add(1)
+        live.opened -= record.age_s  # its lifetime counts from when it was first opened
+        live.saved_calls = 0
+        return live
+
+    async def _pool_room(self) -> bool:
+        """Whether the host has room for one more pooled session and, beside it, a new one
+        opened on demand: the pool only uses what no session would need."""
+        held = self.host_bytes() + 2 * NEW_SESSION_BYTES
+        return (len(self._live) + len(self.pool.runs) < self.policy.limits.max_sessions
+                and held <= self.policy.limits.host_memory_mib * 2**20)
 
     def _expired(self, live: _Live, now: float) -> str:
         limits, server = self.policy.limits, self.policy.server
@@ -236,10 +316,18 @@ class SessionManager:
 
     async def _reaper(self) -> None:
         every = min(self._reap_every_s, self.policy.limits.session_idle_s / 2,
-                    self.policy.server.unused_session_idle_s / 2)
+                    self.policy.server.unused_session_idle_s / 2, self.policy.sessions.persist_idle_s / 2)
         while True:
             await anyio.sleep(every)
             now = time.monotonic()
             for handle, live in list(self._live.items()):
                 if reason := self._expired(live, now):
                     await self.close(handle, reason=reason)
+                elif self._save_due(live, now):
+                    await self._save(handle)
+
+    def _save_due(self, live: _Live, now: float) -> bool:
+        """Whether an idle session has cells it was not saved with, and has rested long enough."""
+        rested = now - max(live.last_used, live.run.session.last_active)
+        return (self.store is not None and live.idle() and live.saved_calls != live.calls
+                and rested > self.policy.sessions.persist_idle_s)

@@ -6,7 +6,7 @@ This package never imports `ubertool.runtime`: it is given a `SandboxConfig`.
 from .config import HostFolder, Limits, ProviderMount, SandboxConfig
 from .engine import GUESTLIB_GUEST, SandboxStartError, warm
 from .result import CellError, CellResult, RestoreReport, Status, Text
-from .session import SandboxSession, SessionClosed
+from .session import PastCell, Resume, SandboxSession, Saved, SessionClosed
 
 __all__ = [
     "GUESTLIB_GUEST",
@@ -14,11 +14,14 @@ __all__ = [
     "CellResult",
     "HostFolder",
     "Limits",
+    "PastCell",
     "ProviderMount",
     "RestoreReport",
+    "Resume",
     "SandboxConfig",
     "SandboxSession",
     "SandboxStartError",
+    "Saved",
     "SessionClosed",
     "Status",
     "Text",

