@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import cli_env, ubertool_command
+from conftest import JournalBackend, cli_env, ubertool_command
 from fastmcp import Client
 from fastmcp.server.auth.providers.jwt import RSAKeyPair
 from servers import free_port, start_http_server
@@ -271,3 +271,29 @@ async def test_a_new_session_comes_from_the_pool_ready_and_reseeded(_isolated_ho
 def journal_runs(home: Path) -> list[str]:
     with Journal(home / "journal.sqlite") as journal:
         return [run.id for run in journal.runs()]
+
+
+def test_saved_sessions_sit_in_a_shared_journal_and_are_checked_there(journal_backend: JournalBackend,
+                                                                       _isolated_home: Path) -> None:
+    """With the journal on PostgreSQL, front ends share saved sessions through it; whoever can
+    write the database still cannot forge one (the key stays in each front end's state folder)."""
+    with Journal(journal_backend.store()) as journal:
+        store = SessionStore.default(journal)
+        shared = journal_backend.url is not None
+        record = _record()
+        store.save(record, b"memory" * 1000)
+        folder = _isolated_home / "sessions"
+        assert (folder.is_dir() and any(folder.glob("s-*"))) is not shared
+        assert (journal.get_image(f"{record.handle}.image") is not None) is shared
+        with Journal(journal_backend.store()) as other:  # another front end, same key file
+            again = SessionStore.default(other)
+            assert again.handles() == [record.handle]
+            assert again.record(record.handle) == record
+            assert again.image(record) == (b"memory" * 1000, "")
+        if shared:
+            stored = journal.get_image(f"{record.handle}.image")
+            assert stored is not None
+            journal.put_image(stored.session, stored.data[:-1] + bytes([stored.data[-1] ^ 1]), {})
+            assert "MAC does not match" in store.image(record)[1]
+        store.delete(record.handle)
+        assert store.handles() == [] and store.record(record.handle) is None

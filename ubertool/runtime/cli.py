@@ -306,7 +306,7 @@ def sessions_prune(older_than: str | None, max_mib: int | None, policy_path: str
     max_bytes = (max_mib or retention.max_mib) * 2**20
     with _sandbox_errors(), _journal_of(policy_path) as journal:
         pruned = journal.prune(older_than_s=older_than_s, max_bytes=max_bytes)
-        saved = prune_saved(SessionStore.default(), journal, older_than_s, policy.workspace.keep)
+        saved = prune_saved(SessionStore.default(journal), journal, older_than_s, policy.workspace.keep)
     click.echo(f"Removed {len(pruned.runs)} runs and {pruned.bodies} bodies, and {saved} saved sessions; "
                f"the journal holds {pruned.held_bytes / 2**20:.1f} MiB.")
 

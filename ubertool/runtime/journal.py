@@ -265,6 +265,10 @@ class Journal:
         data, meta, saved = rows[0]
         return StoredImage(session, bytes(data), json.loads(meta), saved)
 
+    def image_names(self) -> list[str]:
+        """The names images are kept under, sorted."""
+        return [row[0] for row in self._read("SELECT session FROM images ORDER BY session", ())]
+
     def delete_image(self, session: str) -> bool:
         """Forget `session`'s image; whether there was one."""
         with self._write() as db:

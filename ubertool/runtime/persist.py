@@ -1,13 +1,17 @@
 """Saved sessions: what lets a server's session outlive the server (`[sessions] persist`).
 
-For each saved session, two owner-only files in `<state>/sessions/`:
+Each saved session is two blobs on a `Shelf`: in `<state>/sessions/` (owner-only files) with the
+embedded SQLite journal, or in the journal's `images` table when `[journal] url` names a
+PostgreSQL database, so that any front end of a cluster finds them.
 - `<handle>.json`: the record: handle, run, owner (principal), the last cell its image
   reflects, the number of its next cell, its clock, its age; with an HMAC-SHA256.
 - `<handle>.image`: the session image (`ubertool.sandbox.imagefile` bytes) compressed with
   zstd, after a header repeating the record's handle, run, owner and position; the HMAC
   covers header and body. Absent when the session had no image to give (it resumes by replay).
 
-The key is `<state>/sessions.key`: 32 random bytes, made once, 0600, never printed or logged.
+The key is `<state>/sessions.key`: 32 random bytes, made once, 0600, never printed or logged,
+and never stored beside the blobs (whoever can write the database still cannot forge one);
+front ends sharing a PostgreSQL journal need the same key file to resume each other's sessions.
 A record whose MAC fails is refused (the handle is then unknown); an image whose MAC fails, is
 cut short, or belongs to another record is refused and the session resumes by replaying its
 journal, saying so. Both are checked before anything in them is used.
@@ -27,6 +31,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 import anyio.to_thread
@@ -35,6 +40,7 @@ import zstandard
 from ubertool.runtime.home import state_folder
 from ubertool.runtime.journal import Journal
 from ubertool.runtime.runs import Resumed, Run
+from ubertool.runtime.stores import SqliteStore
 from ubertool.sandbox import PastCell, Resume, Status
 from ubertool.sandbox.result import COMPLETED
 from ubertool.tools.files import open_private, remove_tree
@@ -72,40 +78,95 @@ class Record:
     saved_at: float  # wall-clock seconds, for pruning
 
 
+class Shelf(Protocol):
+    """Where a store's blobs sit, by name (`<handle>.json`, `<handle>.image`). A `put` is whole
+    or not at all; every method blocks."""
+
+    def put(self, name: str, data: bytes) -> None: ...
+    def get(self, name: str) -> bytes | None: ...
+    def delete(self, name: str) -> None: ...
+    def names(self) -> list[str]: ...
+
+
+class FolderShelf:
+    """Blobs as owner-only files in `folder`, each written to a temporary and renamed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def put(self, name: str, data: bytes) -> None:
+        _write(self.folder / name, data)
+
+    def get(self, name: str) -> bytes | None:
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, name: str) -> None:
+        (self.folder / name).unlink(missing_ok=True)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.folder.glob("s-*"))
+
+
+class JournalShelf:
+    """Blobs in the journal's `images` table (one transaction each)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def put(self, name: str, data: bytes) -> None:
+        self.journal.put_image(name, data, {})
+
+    def get(self, name: str) -> bytes | None:
+        stored = self.journal.get_image(name)
+        return None if stored is None else stored.data
+
+    def delete(self, name: str) -> None:
+        self.journal.delete_image(name)
+
+    def names(self) -> list[str]:
+        return self.journal.image_names()
+
+
 class SessionStore:
-    """The saved sessions under `folder` (made 0700), authenticated with the key at `key_path`."""
+    """The saved sessions on `shelf` (a folder: made 0700), authenticated with the key at `key_path`."""
 
     @classmethod
-    def default(cls) -> SessionStore:
-        """The store in the state folder (`<state>/sessions/`, key `<state>/sessions.key`)."""
-        return cls(state_folder("sessions"), state_folder() / "sessions.key")
+    def default(cls, journal: Journal | None = None) -> SessionStore:
+        """The store beside `journal`: in the journal when it is shared (PostgreSQL), else in the
+        state folder (`<state>/sessions/`); the key is `<state>/sessions.key` either way."""
+        shared = journal is not None and not isinstance(journal.store, SqliteStore)
+        shelf: Shelf = JournalShelf(journal) if shared and journal else FolderShelf(state_folder("sessions"))
+        return cls(shelf, state_folder() / "sessions.key")
 
-    def __init__(self, folder: Path, key_path: Path) -> None:
-        self.folder = folder
+    def __init__(self, shelf: Shelf | Path, key_path: Path) -> None:
+        self.shelf = FolderShelf(shelf) if isinstance(shelf, Path) else shelf
         self._key = _load_key(key_path)
 
     def _mac(self, kind: bytes, data: bytes) -> bytes:
         return hmac.new(self._key, kind + b"\0" + data, hashlib.sha256).digest()
 
-    def _path(self, handle: str, suffix: str) -> Path:
+    def _name(self, handle: str, suffix: str) -> str:
         if not HANDLE.match(handle):
             raise RecordRefused(f"{handle!r} is not a session handle")
-        return self.folder / f"{handle}{suffix}"
+        return f"{handle}{suffix}"
 
     def save(self, record: Record, image: bytes | None) -> None:
         """Write `record` and `image` (None: delete an older image), each atomically, 0600.
         Blocks (compression: tens of milliseconds per 40 MiB)."""
-        image_path = self._path(record.handle, ".image")
+        image_name = self._name(record.handle, ".image")
         if image is None:
-            image_path.unlink(missing_ok=True)
+            self.shelf.delete(image_name)
         else:
             header = json.dumps(_binding(record), sort_keys=True).encode()
             body = zstandard.ZstdCompressor(level=_LEVEL).compress(image)
             signed = b"".join((_IMAGE_MAGIC, struct.pack(">I", len(header)), header, body))
-            _write(image_path, signed + self._mac(b"image", signed))
+            self.shelf.put(image_name, signed + self._mac(b"image", signed))
         text = json.dumps(asdict(record), sort_keys=True)
         mac = self._mac(b"record", text.encode()).hex()
-        _write(self._path(record.handle, ".json"), json.dumps({"record": text, "mac": mac}).encode())
+        self.shelf.put(self._name(record.handle, ".json"), json.dumps({"record": text, "mac": mac}).encode())
 
     def record(self, handle: str) -> Record | None:
         """The saved record of `handle`; None when there is none.
@@ -113,10 +174,8 @@ class SessionStore:
         Raises:
             RecordRefused: it is not a handle, or its record failed its check (logged).
         """
-        path = self._path(handle, ".json")
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+        raw = self.shelf.get(self._name(handle, ".json"))
+        if raw is None:
             return None
         try:
             outer = json.loads(raw)
@@ -137,9 +196,8 @@ class SessionStore:
     def image(self, record: Record) -> tuple[bytes | None, str]:
         """The image saved with `record` and '', or None and why there is none to use (a
         refusal is also logged). Blocks (decompression)."""
-        try:
-            signed = self._path(record.handle, ".image").read_bytes()
-        except FileNotFoundError:
+        signed = self.shelf.get(self._name(record.handle, ".image"))
+        if signed is None:
             return None, ""
         try:
             return self._open_image(signed, record), ""
@@ -167,13 +225,14 @@ class SessionStore:
             raise RecordRefused(f"its body does not decompress ({exc})") from None
 
     def delete(self, handle: str) -> None:
-        """Forget `handle`'s saved record and image (missing files are fine)."""
+        """Forget `handle`'s saved record and image (missing ones are fine)."""
         for suffix in (".json", ".image"):
-            self._path(handle, suffix).unlink(missing_ok=True)
+            self.shelf.delete(self._name(handle, suffix))
 
     def handles(self) -> list[str]:
         """The handles with a saved record."""
-        return sorted(p.stem for p in self.folder.glob("s-*.json") if HANDLE.match(p.stem))
+        return sorted(name.removesuffix(".json") for name in self.shelf.names()
+                      if name.endswith(".json") and HANDLE.match(name.removesuffix(".json")))
 
     def prune(self, live_runs: Iterable[str], older_than_s: float) -> list[str]:
         """Delete saved sessions whose run is not in `live_runs` (pruned from the journal, or
@@ -189,9 +248,11 @@ class SessionStore:
             if record is None or record.run_id not in keep or time.time() - record.saved_at > older_than_s:
                 self.delete(handle)
                 removed += [record.run_id] if record is not None else []
-        for orphan in self.folder.glob("s-*.image"):  # an image whose record is gone
-            if HANDLE.match(orphan.stem) and not orphan.with_suffix(".json").exists():
-                orphan.unlink(missing_ok=True)
+        names = set(self.shelf.names())
+        for orphan in names:  # an image whose record is gone
+            handle = orphan.removesuffix(".image")
+            if orphan.endswith(".image") and HANDLE.match(handle) and f"{handle}.json" not in names:
+                self.shelf.delete(orphan)
         return removed
 
 

@@ -203,7 +203,7 @@ async def serve(policy: Policy, transport: str, *, host: str = "127.0.0.1", port
     """Serve until the transport ends (stdin closed) or SIGINT/SIGTERM stops it cleanly.
     Over HTTP, `door` guards every request (default: loopback names only, no auth)."""
     with Journal.default(policy.journal) as journal:
-        store = SessionStore.default() if policy.sessions.persist else None
+        store = SessionStore.default(journal) if policy.sessions.persist else None
         if transport != "http":
             async with SessionManager(policy, journal=journal, store=store).running() as manager:
                 await _serve_stdio(build_server(manager), manager)
