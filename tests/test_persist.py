@@ -145,6 +145,9 @@ async def test_a_session_outlives_a_server_restart(_isolated_home: Path, tmp_pat
                 back = await call(client, "f.write('d'); f.seek(0); repr(r), f.read()", session=handle)
                 assert back.structured_content["value"] == f"({r}, 'abcd')", text(back)
                 assert any("from its saved image" in n for n in back.structured_content["notes"])
+            with Journal(default_journal_path()) as journal:  # going again: no prune may take it
+                (run,) = [r for r in journal.runs() if r.session == handle]
+                assert run.ended is None and run.id not in journal.prune(older_than_s=0).runs
 
             # A byte of the saved image flipped: the image is refused, the session replays and says so.
             server, url = restart(server)

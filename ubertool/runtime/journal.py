@@ -204,6 +204,11 @@ class Journal:
         with self._write() as db:
             db.execute("UPDATE runs SET session = ? WHERE id = ?", (session, run_id))
 
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a saved run going again (a resumed session): no prune removes it meanwhile."""
+        with self._write() as db:
+            db.execute("UPDATE runs SET ended = NULL WHERE id = ?", (run_id,))
+
     def end_run(self, run_id: str) -> None:
         with self._write() as db:
             db.execute("UPDATE runs SET ended = ? WHERE id = ?", (_now(), run_id))

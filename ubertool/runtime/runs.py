@@ -350,6 +350,8 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
                         principal=principal, resumed=resume is not None or None)
             if journal is not None and resume is None:
                 journal.start_run(run_id, kind, policy.source, policy.sha256)
+            elif journal is not None:
+                journal.reopen_run(run_id)
             try:
                 async with SandboxSession(config, resume=resume.session if resume else None) as session:
                     yield Run(run_id, policy, folder, audit, redactor, session, record, journal)
