@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ubertool.tools.files import iter_tree
 
+from .beside import beside
+
 POLL_S = 0.002
 MAX_POLL_S = 0.5
 
@@ -46,16 +48,17 @@ class QuotaWatch:
         self.started = time.time()
         self._cancel = cancel
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="ubertool-quota", daemon=True)
+        self._watched: threading.Event | None = None
 
     def __enter__(self) -> QuotaWatch:
         self.started = time.time()
-        self._thread.start()
+        self._watched = beside(self._watch)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
-        self._thread.join()
+        if self._watched is not None:
+            self._watched.wait()
 
     def _watch(self) -> None:
         interval = POLL_S
