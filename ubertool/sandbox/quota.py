@@ -75,15 +75,16 @@ class QuotaWatch:
             interval = min(MAX_POLL_S, max(POLL_S, 4 * (time.perf_counter() - began)))
 
 
-def trim(folders: Sequence[Path], quota: int, since: float) -> list[str]:
+def trim(folders: Sequence[Path], quota: int, since: float, used: int | None = None) -> list[str]:
     """Empty the files changed at or after `since` (a `time.time()`), largest first, until
     `folders` hold at most `quota` bytes; returns their paths. Files older than `since` (which
-    fit the quota before) are left alone. Never follows a link.
+    fit the quota before) are left alone. Never follows a link. `used`: `used_bytes(folders)`
+    when the caller has just measured it (None: measured here).
 
     Raises:
         OSError: a folder cannot be walked.
     """
-    total = used_bytes(folders)
+    total = used_bytes(folders) if used is None else used
     if total <= quota:
         return []
     changed = []
