@@ -2,15 +2,19 @@
 
 A row is one figure beside its floor measured in the same run, and its target: met when
 `value <= ratio * floor + slack` (a target with no floor is an absolute bound: `value <= slack`).
-Rows go to `bench/results/summary.jsonl` (`make bench` empties it first).
+Rows go to `bench/results/summary.jsonl` (`make bench` empties it first), or to the file
+`UBERTOOL_BENCH_RESULTS` names.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("results") / "summary.jsonl"
+# UBERTOOL_BENCH_RESULTS: another file, e.g. to keep two runs' tables apart.
+RESULTS = Path(os.environ.get("UBERTOOL_BENCH_RESULTS")
+               or Path(__file__).with_name("results") / "summary.jsonl")
 
 
 def record(figure: str, value: float, floor: float | None, floor_name: str, *, ratio: float = 1.0,
