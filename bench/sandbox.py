@@ -94,9 +94,10 @@ async def bench(cells: int, sessions: int, folder: Path) -> None:
         async with SandboxSession(config) as s:
             own.append(sum([(await s.run(code)).duration_s * 1000 for code in ten]))
             result = await s.run("while True: pass", timeout_s=0.2)
-            assert result.restored is not None and result.restored.cells == 10
+            # With session images, only the cells after the last image are replayed.
+            assert result.restored is not None and result.restored.ok, result
             restores.append(result.restored.seconds * 1000)
-    row("restore (open + replay 10 cells)", statistics.median(restores), statistics.median(own),
+    row("restore (open + image + replay the rest)", statistics.median(restores), statistics.median(own),
         base_name="the 10 cells' own run time")
 
     print(f"CPU-bound loop: {CPU_LOOP}, median of 3")
