@@ -31,11 +31,13 @@ test: setup lint
 	$(BIN)/pytest
 
 bench: setup
+	rm -f bench/results/summary.jsonl
 	$(BIN)/python bench/sandbox.py
 	$(BIN)/python bench/mcp_server.py
 	$(BIN)/python bench/mounts.py
 	$(BIN)/python bench/playbooks.py
 	$(BIN)/python bench/bounds.py
+	$(BIN)/python bench/summary.py
 
 # ubertool beside its peers in one run; writes bench/results/peers.md.
 bench-peers: setup

@@ -1,4 +1,10 @@
-"""A fastmcp server with one trivial `python` tool and no sandbox: the MCP stack's own floor."""
+"""A fastmcp server with one trivial `python` tool and no sandbox: the MCP stack's own floor.
+
+    python bench/bare_fastmcp.py            # stdio
+    python bench/bare_fastmcp.py http PORT  # streamable HTTP at http://127.0.0.1:PORT/mcp
+"""
+
+import sys
 
 from fastmcp import FastMCP
 
@@ -12,4 +18,7 @@ async def python(code: str) -> str:
 
 
 if __name__ == "__main__":
-    server.run("stdio", show_banner=False)
+    if sys.argv[1:2] == ["http"]:
+        server.run("http", host="127.0.0.1", port=int(sys.argv[2]), show_banner=False, log_level="warning")
+    else:
+        server.run("stdio", show_banner=False)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from conftest import cli_env, ubertool_command
 from fastmcp import Client
 from fastmcp.client.transports import StdioTransport
 from mcp.types import ImageContent, TextContent
+from servers import start_http_server
 
 pytestmark = pytest.mark.anyio
 
@@ -188,6 +191,25 @@ async def test_audit_log_records_cells_with_traceparent(client: Client, _isolate
     assert start["traceparent"] == end["traceparent"] == trace
     assert start["code"].startswith("sha256:") and "y = 2" not in log.read_text()
     assert end["status"] == "ok" and end["cell"] == 1
+
+
+async def test_an_answered_cell_is_in_the_journal_when_the_server_is_killed(_isolated_home: Path) -> None:
+    # The journal commits before the answer, without an fsync (synchronous=NORMAL): what was
+    # answered must survive the process dying at once (SIGKILL: no handler, no cleanup runs).
+    proc, url = start_http_server(ubertool_command(), cli_env())
+    try:
+        async with Client(url) as client:
+            answered = await client.call_tool("python", {"code": "answer = 41 + 1\nanswer"})
+            assert answered.structured_content["value"] == "42"
+            proc.kill()
+            proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    with contextlib.closing(sqlite3.connect(_isolated_home / "journal.sqlite")) as db:
+        rows = db.execute("SELECT code, status, value FROM cells").fetchall()
+    assert rows == [("answer = 41 + 1\nanswer", "ok", "42")]
 
 
 async def test_official_sdk_client_over_stdio(tmp_path: Path) -> None:

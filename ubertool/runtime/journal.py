@@ -1,13 +1,14 @@
 """The journal: every run and cell, durably, with the outside exchanges each cell caused.
 
 SQLite in `$UBERTOOL_HOME/journal.sqlite` by default (WAL, so a CLI can read while a server
-writes), or PostgreSQL when the policy says `[journal] url = "postgresql://..."` (see
-`stores`: the SQL is shared, the differences are the store's). It survives restarts; playbooks
-are dumped from it. Texts are stored after redaction. Exchange bodies are BLOBs,
-content-addressed (SHA-256) and kept once however many cells refer to them; `prune` removes old
-runs and the bodies nothing refers to any more. It also keeps session images (bytes and JSON
-metadata by session handle: `put_image`, `get_image`, `delete_image`), so that any front end on
-the same database can restore a session.
+writes; synchronous=NORMAL: each commit is written before the cell is answered, so it survives
+the process crashing, but not fsynced, so a power loss may take the last few), or PostgreSQL
+when the policy says `[journal] url = "postgresql://..."` (see `stores`: the SQL is shared, the
+differences are the store's). It survives restarts; playbooks are dumped from it. Texts are
+stored after redaction. Exchange bodies are BLOBs, content-addressed (SHA-256) and kept once
+however many cells refer to them; `prune` removes old runs and the bodies nothing refers to any
+more. It also keeps named blobs (`put_image`, `get_image`, `delete_image`): saved sessions,
+when the database is shared, so that any front end on it can resume a session.
 """
 
 from __future__ import annotations

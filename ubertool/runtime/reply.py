@@ -38,6 +38,15 @@ def _fit(text: str, run: Run, cell: int, part: str) -> tuple[str, str | None]:
     return f"{head}\n[... {len(data) - 2 * half} bytes not shown; {where} ...]\n{tail}", guest
 
 
+def saves(result: CellResult, run: Run) -> bool:
+    """Whether `reply` would save a part in the workspace (a file write: keep it off the event
+    loop). Cheap: a part of n characters is at most 4n bytes of UTF-8."""
+    cap = run.policy.limits.reply_bytes
+    parts = (result.stdout, result.stderr, result.value, result.error.traceback if result.error else None)
+    return any(part is not None and 4 * len(str(part)) > cap
+               and len(str(part).encode("utf-8", "replace")) > cap for part in parts)
+
+
 def _status_line(result: CellResult) -> str:
     if result.status in (Status.OK, Status.ERROR, Status.MEMORY):
         return ""

@@ -36,7 +36,7 @@ from ubertool.runtime.frontdoor import FrontDoor, principal, server_audit
 from ubertool.runtime.journal import Journal
 from ubertool.runtime.persist import SessionStore
 from ubertool.runtime.policy import Policy
-from ubertool.runtime.reply import refusal, reply
+from ubertool.runtime.reply import refusal, reply, saves
 from ubertool.runtime.runs import Run, playbook_owner, playbooks_home
 from ubertool.runtime.sessions import STOPPING, SessionError, SessionManager
 from ubertool.runtime.telemetry import ERRORS
@@ -85,8 +85,9 @@ async def _run_cell(ctx: Context, handle: str, run: Run, code: str, timeout_s: f
                            "Call again without `session` to start a new one.")
         finally:
             tg.cancel_scope.cancel()
-    # Saving long output writes into the guest's workspace: off the event loop, like all file I/O.
-    return await anyio.to_thread.run_sync(reply, handle, result, run)
+    if saves(result, run):  # saving long output writes into the workspace: off the event loop
+        return await anyio.to_thread.run_sync(reply, handle, result, run)
+    return reply(handle, result, run)  # a few microseconds: a thread hop would cost more
 
 
 def build_server(manager: SessionManager, auth: AuthProvider | None = None) -> FastMCP[Any]:

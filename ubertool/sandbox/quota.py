@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ubertool.tools.files import iter_tree
 
+from .beside import beside
+
 POLL_S = 0.002
 MAX_POLL_S = 0.5
 
@@ -46,16 +48,17 @@ class QuotaWatch:
         self.started = time.time()
         self._cancel = cancel
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="ubertool-quota", daemon=True)
+        self._watched: threading.Event | None = None
 
     def __enter__(self) -> QuotaWatch:
         self.started = time.time()
-        self._thread.start()
+        self._watched = beside(self._watch)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
-        self._thread.join()
+        if self._watched is not None:
+            self._watched.wait()
 
     def _watch(self) -> None:
         interval = POLL_S
@@ -72,15 +75,16 @@ class QuotaWatch:
             interval = min(MAX_POLL_S, max(POLL_S, 4 * (time.perf_counter() - began)))
 
 
-def trim(folders: Sequence[Path], quota: int, since: float) -> list[str]:
+def trim(folders: Sequence[Path], quota: int, since: float, used: int | None = None) -> list[str]:
     """Empty the files changed at or after `since` (a `time.time()`), largest first, until
     `folders` hold at most `quota` bytes; returns their paths. Files older than `since` (which
-    fit the quota before) are left alone. Never follows a link.
+    fit the quota before) are left alone. Never follows a link. `used`: `used_bytes(folders)`
+    when the caller has just measured it (None: measured here).
 
     Raises:
         OSError: a folder cannot be walked.
     """
-    total = used_bytes(folders)
+    total = used_bytes(folders) if used is None else used
     if total <= quota:
         return []
     changed = []

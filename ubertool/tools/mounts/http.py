@@ -194,7 +194,8 @@ class HttpMount:
         listed = self._listed_kind(path)
         if listed == "dir":
             return Entry("dir")
-        return Entry("file", len(self.read(path)))
+        # The size of the answer the read will take from the run's cache: no copy of the body.
+        return Entry("file", _size(self._body("GET", path)))
 
     def list(self, path: str) -> list[tuple[str, str]]:
         listing = self.spec.listing
@@ -302,6 +303,12 @@ class HttpMount:
         return self.spec.base_url + "/" + "/".join(quote(s, safe="") for s in segments)
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        answer = self._body(method, path, body)
+        return answer.read() if isinstance(answer, Body) else bytes(answer)
+
+    def _body(self, method: str, path: str, body: bytes | None = None) -> Body | bytes:
+        """The answer's body (kept in the run's spool, or bytes from a recording), or the
+        guest's error (see `_answer`)."""
         if method not in self.spec.methods:
             raise self._refuse(f"{method} {path} is not allowed (policy mounts.{self.spec.name}.methods "
                                f"allows {', '.join(self.spec.methods)})")
@@ -333,7 +340,7 @@ class HttpMount:
         return {"mount": self.spec.name, "method": method, "url": url,
                 "body_sha256": hashlib.sha256(body).hexdigest() if body is not None else None}
 
-    def _answer(self, response: Json, method: str, path: str) -> bytes:
+    def _answer(self, response: Json, method: str, path: str) -> Body | bytes:
         status, error = response.get("status"), response.get("error")
         if error == "refused":
             raise self._refuse(response.get("message", "refused"))
@@ -354,8 +361,7 @@ class HttpMount:
                                f"{_REASONS.get(status, '')}".rstrip())
         if status is None or not 200 <= status < 300:
             raise self._failed(OSError, errno.EIO, f"{method} {path} answered HTTP {status}")
-        body = response.get("body", b"")
-        return body.read() if isinstance(body, Body) else bytes(body)
+        return response.get("body", b"")
 
     def _perform(self, method: str, url: str, body: bytes | None) -> Json:
         """Send one request (following same-origin redirects, retrying idempotent failures)."""
@@ -416,7 +422,9 @@ class HttpMount:
                     raise _TooLarge
                 spooled.write(chunk)
             data = spooled.done()
-        if data.size:  # a secret may span chunks: redact the whole body, once (transiently in memory)
+        # A secret may span chunks: redact the whole body, once (transiently in memory), when
+        # the run has secrets at all.
+        if data.size and self._redactor.active:
             raw = data.read()
             clean = self._redactor.data(raw)
             if clean != raw:
@@ -457,6 +465,10 @@ class HttpMount:
                        error=outcome.get("error"), bytes_in=outcome.get("bytes"),
                        bytes_out=len(body) if body is not None else None, duration_s=round(seconds, 6),
                        credential=credential, scope=scope)
+
+
+def _size(body: Body | bytes) -> int:
+    return body.size if isinstance(body, Body) else len(body)
 
 
 class _TooLarge(Exception):
