@@ -230,7 +230,7 @@ class SandboxSession:
     def _save(self) -> Saved:
         image, why = None, "session images are off"
         if self._images:
-            self._maybe_image(force=True)
+            self._maybe_image(self._fingerprint(), force=True)
             base = self._base
             if base.image is None or base.cells != len(self._history):
                 why = "the session image could not be taken"
