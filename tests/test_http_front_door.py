@@ -214,7 +214,8 @@ async def test_the_least_recently_used_idle_session_makes_room(serve_http: Calla
         assert (await call(c, "b", session=two)).structured_content["value"] == "2"
         closes = [e for e in audit(_isolated_home) if e["event"] == "session_close"]
         assert [e["session"] for e in closes] == [one]
-        assert closes[0]["reason"].startswith("evicted: the least recently used idle session (2 sessions")
+        assert closes[0]["reason"].startswith(
+            "evicted: the least recently used idle session of the principal holding the most (2 sessions")
 
         # With every session running a cell, a new one is refused, clearly.
         three_handle = three.structured_content["session"]
@@ -234,6 +235,21 @@ async def test_the_least_recently_used_idle_session_makes_room(serve_http: Calla
             assert text(refused).startswith("2 sessions are open, the policy's limits.max_sessions, "
                                              "and all of the server's are running a cell")
         assert [r.structured_content["status"] for r in results] == ["ok", "ok"]
+
+
+async def test_a_full_server_takes_a_session_from_whoever_holds_the_most(
+        oauth: tuple[str, Callable[..., str]], _isolated_home: Path) -> None:
+    """Four sessions at most: bob's one, the oldest, stays when alice, holding three, opens a fifth."""
+    url, mint = oauth
+    async with as_principal(url, mint("bob")) as bob, as_principal(url, mint("alice")) as alice:
+        bobs = (await call(bob, "b = 1")).structured_content["session"]
+        alices = [(await call(alice, f"a = {n}")).structured_content["session"] for n in range(4)]
+        assert (await call(bob, "b", session=bobs)).structured_content["value"] == "1"
+        gone = await call(alice, "a", session=alices[0])
+        assert gone.is_error and f"no open session {alices[0]!r}" in text(gone)
+    closes = [e for e in audit(_isolated_home) if e["event"] == "session_close"]
+    assert [e["session"] for e in closes] == [alices[0]]
+    assert "of the principal holding the most (4 sessions are open" in closes[0]["reason"]
 
 
 async def test_a_session_never_called_again_closes_soon(serve_http: Callable[..., str], tmp_path: Path,

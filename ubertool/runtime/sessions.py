@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -187,8 +188,9 @@ class SessionManager:
             return await self._open(key, principal)
 
     async def _make_room(self, principal: str) -> bool:
-        """Close the least recently used idle session if the principal or the server is full
-        (in sessions, or in the host memory they hold); whether it closed one.
+        """Close an idle session if the principal or the server is full (in sessions, or in the
+        host memory they hold): the least recently used of the principal's own, or server-wide of
+        the principal holding the most sessions; whether it closed one.
 
         Raises:
             SessionError: full, and every candidate session is running a call.
@@ -213,8 +215,12 @@ class SessionManager:
         if not idle:
             raise SessionError(f"{why}, and all of {scope} are running a cell; pass the `session` of "
                                "one you have, or call again when a cell has finished.")
-        victim = min(idle, key=lambda live: live.last_used)
-        await self.close(victim.handle, reason=f"evicted: the least recently used idle session ({why})")
+        # Server-wide, the principal holding the most sessions gives one up first: one busy
+        # agent cannot push everyone else's sessions out. Among theirs, the least recently used.
+        held = Counter(live.principal for live in self._live.values())
+        victim = min(idle, key=lambda live: (-held[live.principal], live.last_used))
+        await self.close(victim.handle, reason=f"evicted: the least recently used idle session of the "
+                                               f"principal holding the most ({why})")
         return True
 
     def host_bytes(self) -> int:
