@@ -181,3 +181,78 @@ async def test_an_upstream_command_runs_from_the_policys_folder(tmp_path: Path) 
     async with open_run(load_policy(policy)) as run:
         result = await run.cell("from ubertool import mcp\nmcp.call('tracker', 'add', a=1, b=2)")
     assert result.status is Status.OK, result
+
+
+FAILING = Path(__file__).with_name("failing_upstream.py")
+
+
+def failing_policy(tmp_path: Path) -> Path:
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nprint('EXITS BANNER: cannot start', file=sys.stderr)\nsys.exit(3)\n")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""
+[tools.mcp.missing]
+command = ["no-such-upstream-program"]
+allow = ["*"]
+
+[tools.mcp.exits]
+command = ["{sys.executable}", "{exits}"]
+allow = ["*"]
+
+[tools.mcp.failing]
+command = ["{sys.executable}", "{FAILING}"]
+allow = ["*"]
+timeout_s = 1
+""")
+    return policy
+
+
+async def test_a_failing_upstream_is_named_audited_and_its_stderr_kept_in_the_run(
+        tmp_path: Path, _isolated_home: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Each way an upstream fails reaches the guest as what happened (never "internal error"),
+    is audited with its stderr's last lines, and its stderr goes to the run's folder, not ours."""
+    import json
+
+    async with open_run(load_policy(failing_policy(tmp_path))) as run:
+        await ok(run, "from ubertool import mcp")
+        assert await refused(run, "mcp.call('missing', 'x')") == (
+            "MCP server 'missing' failed while starting: command 'no-such-upstream-program' not found "
+            "on PATH")
+        kept = "; its stderr is kept for the operator with the run's audit log"
+        assert await refused(run, "mcp.call('exits', 'x')") == (
+            f"MCP server 'exits' failed while starting: exited with code 3{kept}")
+        assert await ok(run, "mcp.call('failing', 'add', a=1, b=2)") == "3"
+        assert await refused(run, "mcp.call('failing', 'crash')") == (
+            f"MCP server 'failing' failed while calling crash: exited with code 7; the next call starts "
+            f"it again{kept}")
+        assert await ok(run, "mcp.call('failing', 'add', a=2, b=2)") == "4"  # started again
+        assert await refused(run, "mcp.call('failing', 'slow', seconds=5)") == (
+            f"MCP server 'failing' failed while calling slow: timed out after 1 s (policy "
+            f"tools.mcp.failing.timeout_s){kept}")
+    folder = next(_isolated_home.glob("runs/*"))
+    events = [json.loads(line) for line in (folder / "audit.jsonl").read_text().splitlines()]
+    failed = [(e["server"], e["during"], e.get("stderr_tail", [])[:1]) for e in events
+              if e["event"] == "mcp_failed"]
+    assert failed == [("missing", "starting", []), ("exits", "starting", ["EXITS BANNER: cannot start"]),
+                      ("failing", "calling crash", ["FAILING-UPSTREAM BANNER v1"]),
+                      ("failing", "calling slow", ["FAILING-UPSTREAM BANNER v1"])]
+    calls = [e["ok"] for e in events if e["event"] == "tool_call"]
+    assert calls == [False, False, True, False, True, False]
+    assert "EXITS BANNER" in (folder / "mcp-exits.stderr").read_text()
+    assert "crashing now" in (folder / "mcp-failing.stderr").read_text()
+    printed = capfd.readouterr()
+    assert "BANNER" not in printed.err + printed.out and "crashing now" not in printed.err
+
+
+def test_an_upstreams_stderr_file_is_bounded(tmp_path: Path) -> None:
+    """An upstream that floods stderr fills at most the limit; the rest is read and dropped."""
+    from ubertool.tools.upstream import StderrLog
+
+    with StderrLog(tmp_path / "flood.stderr", limit=1000) as log:
+        assert log.writer is not None
+        done = subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('x' * 200_000)"],
+                              stderr=log.writer, timeout=30)
+        log.spawned()
+        assert done.returncode == 0 and log.exit_code(wait_s=5) is None
+    text = (tmp_path / "flood.stderr").read_text()
+    assert text.startswith("x" * 1000) and len(text) < 1100 and "cut here" in text
