@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, ubertool_command
 from guest import ok, refused
+from servers import free_port
 
 from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import load_policy
@@ -203,6 +204,14 @@ allow = ["*"]
 command = ["{sys.executable}", "{FAILING}"]
 allow = ["*"]
 timeout_s = 1
+
+[tools.mcp.relative]
+command = ["./tracker.sh"]
+allow = ["*"]
+
+[tools.mcp.refusing]
+url = "http://127.0.0.1:{free_port()}/mcp"
+allow = ["*"]
 """)
     return policy
 
@@ -229,15 +238,21 @@ async def test_a_failing_upstream_is_named_audited_and_its_stderr_kept_in_the_ru
         assert await refused(run, "mcp.call('failing', 'slow', seconds=5)") == (
             f"MCP server 'failing' failed while calling slow: timed out after 1 s (policy "
             f"tools.mcp.failing.timeout_s){kept}")
+        assert await refused(run, "mcp.call('relative', 'x')") == (
+            f"MCP server 'relative' failed while starting: command './tracker.sh' not found (looked in "
+            f"{tmp_path.resolve()})")
+        assert (await refused(run, "mcp.tools('refusing')")).startswith(
+            "MCP server 'refusing' failed while starting: connection failed (")
     folder = next(_isolated_home.glob("runs/*"))
     events = [json.loads(line) for line in (folder / "audit.jsonl").read_text().splitlines()]
     failed = [(e["server"], e["during"], e.get("stderr_tail", [])[:1]) for e in events
               if e["event"] == "mcp_failed"]
     assert failed == [("missing", "starting", []), ("exits", "starting", ["EXITS BANNER: cannot start"]),
                       ("failing", "calling crash", ["FAILING-UPSTREAM BANNER v1"]),
-                      ("failing", "calling slow", ["FAILING-UPSTREAM BANNER v1"])]
+                      ("failing", "calling slow", ["FAILING-UPSTREAM BANNER v1"]),
+                      ("relative", "starting", []), ("refusing", "starting", [])]
     calls = [e["ok"] for e in events if e["event"] == "tool_call"]
-    assert calls == [False, False, True, False, True, False]
+    assert calls == [False, False, True, False, True, False, False, False]
     assert "EXITS BANNER" in (folder / "mcp-exits.stderr").read_text()
     assert "crashing now" in (folder / "mcp-failing.stderr").read_text()
     printed = capfd.readouterr()
