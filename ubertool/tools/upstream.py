@@ -64,21 +64,24 @@ class UpstreamSpec(BaseModel):
 STDERR_LIMIT = 1 << 20  # bytes of one upstream's stderr kept per run; the rest is dropped
 TAIL_LINES = 10  # of stderr, in the audit when an upstream fails
 _EXIT_MARK = "ubertool-upstream-exit"
+_LINE_MAX = 65536  # bytes of a line without a newline kept (and redacted) as one piece
 START_S = 30.0  # the least time an upstream gets to start and answer `initialize`
 
 
 class StderrLog:
     """One stdio connection's stderr: a pipe the upstream writes to, drained by a thread into
     `path` (appended, at most `limit` bytes in all, then a note; later output is read and
-    dropped so the upstream never blocks), keeping its last lines. Use as a context manager;
+    dropped so the upstream never blocks), keeping its last lines; both pass through `redact`
+    (the run's secrets) line by line. Use as a context manager;
     `writer` is the pipe's end to give the upstream, `spawned()` closes this process's copy.
 
     The upstream runs under `sh -c`, which writes `_EXIT_MARK NONCE CODE` when it ends: the
     code is kept (`exit_code`), with a per-connection nonce so no printed line can fake it.
     """
 
-    def __init__(self, path: Path, limit: int = STDERR_LIMIT) -> None:
+    def __init__(self, path: Path, redact: Callable[[str], str], limit: int = STDERR_LIMIT) -> None:
         self.path = path
+        self._redact = redact
         self.nonce = secrets.token_hex(8)
         self._limit = limit
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -129,24 +132,36 @@ class StderrLog:
 
     def _copy(self, reader: IO[bytes], file: IO[bytes]) -> None:
         room = max(0, self._limit - file.tell())
-        mark = f"{_EXIT_MARK} {self.nonce} "
         pending = b""
         while chunk := reader.read(65536):
-            if room:
-                file.write(chunk[:room])
-                if len(chunk) > room:
-                    file.write(b"\n[ubertool: stderr cut here, at the run's limit]\n")
-                room = max(0, room - len(chunk))
-                file.flush()
             *lines, pending = (pending + chunk).split(b"\n")
-            pending = pending[-4096:]
+            if len(pending) > _LINE_MAX:  # a line this long is kept in pieces
+                lines.append(pending)
+                pending = b""
             for raw in lines:
-                line = raw.decode("utf-8", "replace").rstrip()
-                if line.startswith(mark) and line[len(mark):].isdigit():
-                    self._code = int(line[len(mark):])
-                    self._ended.set()
-                elif line:
-                    self._tail.append(line[:300])
+                room = self._keep(raw.decode("utf-8", "replace"), file, room)
+        if pending:
+            self._keep(pending.decode("utf-8", "replace"), file, room)
+
+    def _keep(self, line: str, file: IO[bytes], room: int) -> int:
+        """Keep one line, redacted: the exit mark as the code, any other in the tail and, while
+        `room` (bytes) is left, in the file. Returns the room left."""
+        mark = f"{_EXIT_MARK} {self.nonce} "
+        if line.startswith(mark) and line[len(mark):].strip().isdigit():
+            self._code = int(line[len(mark):])
+            self._ended.set()
+            return room
+        line = self._redact(line.rstrip())
+        if line:
+            self._tail.append(line[:300])
+        if not room:
+            return 0
+        data = (line + "\n").encode()
+        file.write(data[:room])
+        if len(data) > room:
+            file.write(b"\n[ubertool: stderr cut here, at the run's limit]\n")
+        file.flush()
+        return max(0, room - len(data))
 
 
 def _under_sh(command: tuple[str, ...], nonce: str) -> tuple[str, list[str]]:
@@ -277,7 +292,8 @@ class UpstreamBroker(Broker):
             stderr = None
             if spec.command is not None:
                 name = re.sub(r"[^A-Za-z0-9_.-]", "_", server)
-                stderr = stack.enter_context(StderrLog(self._logs / f"mcp-{name}.stderr"))
+                stderr = stack.enter_context(StderrLog(self._logs / f"mcp-{name}.stderr",
+                                                        self._redactor.text))
             client = Client(self._transport(spec, stderr), timeout=spec.timeout_s,
                             init_timeout=max(spec.timeout_s, START_S))
             try:
