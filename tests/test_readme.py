@@ -30,7 +30,7 @@ from formapp import serve_form, url_of
 
 from ubertool.runtime.policy import load_policy
 from ubertool.runtime.runs import open_run
-from ubertool.sandbox import Status
+from ubertool.sandbox import CellResult, Status
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -96,9 +96,9 @@ def test_every_readme_block_is_covered() -> None:
 # -- Python examples, in a real sandbox under their own policy block -------------------------
 
 async def run_example(python: Block, policy_text: str, folder: Path,
-                      urls: dict[str, str] | None = None) -> str:
+                      urls: dict[str, str] | None = None) -> CellResult:
     """Run the README's Python block as one cell under `policy_text`, each of `urls` (the
-    README's) replaced in both by its loopback stand-in; returns the cell's stdout."""
+    README's) replaced in both by its loopback stand-in; the cell must succeed."""
     code = python.text
     for readme_url, local in (urls or {}).items():
         code, policy_text = code.replace(readme_url, local), policy_text.replace(readme_url, local)
@@ -107,7 +107,7 @@ async def run_example(python: Block, policy_text: str, folder: Path,
     async with open_run(load_policy(policy), workspace=folder / "workspace") as run:
         result = await run.cell(code)
     assert result.status is Status.OK, (python.line, result.error, result.message)
-    return result.stdout.head
+    return result
 
 
 @pytest.mark.anyio
@@ -121,8 +121,8 @@ async def test_the_programs_example_runs(tmp_path: Path) -> None:
         con.execute("create table orders(id integer)")
         con.executemany("insert into orders values (?)", [(n,) for n in range(3)])
     con.close()
-    printed = await run_example(example, policy_before(example).text, tmp_path)
-    assert printed.strip() == "3"
+    result = await run_example(example, policy_before(example).text, tmp_path)
+    assert str(result.stdout).strip() == "3"
 
 
 @pytest.mark.anyio
@@ -131,9 +131,9 @@ async def test_the_browser_example_runs(tmp_path: Path, monkeypatch: pytest.Monk
     example = block(*BROWSER)
     monkeypatch.setenv("APP_TOKEN", "readme-token-5d1e")
     with serve_form(token="readme-token-5d1e") as app:
-        printed = await run_example(example, policy_before(example).text, tmp_path,
-                                    {"http://127.0.0.1:8080": url_of(app)})
-    assert printed == "Hello, Ada! Greeter\n"
+        result = await run_example(example, policy_before(example).text, tmp_path,
+                                   {"http://127.0.0.1:8080": url_of(app)})
+    assert str(result.stdout) == "Hello, Ada! Greeter\n"
 
 
 @pytest.mark.anyio
@@ -142,11 +142,8 @@ async def test_the_upstream_mcp_example_runs(tmp_path: Path, monkeypatch: pytest
     example = block(*UPSTREAM_MCP)
     shutil.copy(UPSTREAM, tmp_path / "tracker_server.py")
     monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
-    code = example.text.rstrip("\n")
-    lines = code.splitlines()
-    printed = await run_example(Block("python", f"{code}\nprint({lines[-1]!s}, hits['issues'][0])", 0),
-                                policy_before(example).text, tmp_path)
-    assert printed == "3 {'id': 1, 'title': 'crash #1'}\n"
+    result = await run_example(example, policy_before(example).text, tmp_path)
+    assert result.value is not None and str(result.value) == "3"  # its last line: add(1, 2)
 
 
 # -- client configurations -------------------------------------------------------------------
@@ -240,6 +237,9 @@ def test_every_command_of_the_command_line_block_runs(tmp_path: Path) -> None:
             if stdout is not None:
                 assert done.stdout == stdout, line
     assert (tmp_path / "out" / "answer.txt").read_text() == "42"
+    # and what the `run` line's comment says of exit codes: 1 failed, 2 usage/policy
+    assert ubertool("run", "-c", "1 / 0", cwd=tmp_path).returncode == 1
+    assert ubertool("run", "job.py", "--policy", "missing.toml", cwd=tmp_path).returncode == 2
 
 
 def test_the_replay_synopsis_runs(tmp_path: Path) -> None:
