@@ -72,11 +72,13 @@ class StderrLog:
     """One stdio connection's stderr: a pipe the upstream writes to, drained by a thread into
     `path` (appended, at most `limit` bytes in all, then a note; later output is read and
     dropped so the upstream never blocks), keeping its last lines; both pass through `redact`
-    (the run's secrets) line by line. Use as a context manager;
-    `writer` is the pipe's end to give the upstream, `spawned()` closes this process's copy.
+    (the run's secrets) line by line. Use as a context manager; `writer` is the pipe's end to
+    give the upstream, `spawned()` closes this process's copy.
 
     The upstream runs under `sh -c`, which writes `_EXIT_MARK NONCE CODE` when it ends: the
-    code is kept (`exit_code`), with a per-connection nonce so no printed line can fake it.
+    code is kept (`exit_code`), and the per-connection nonce keeps text the upstream merely
+    relays (a guest's arguments echoed in an error) from faking it. The upstream itself can
+    (it is the operator's program; a wrong code is all it gains).
     """
 
     def __init__(self, path: Path, redact: Callable[[str], str], limit: int = STDERR_LIMIT) -> None:
