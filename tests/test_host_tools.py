@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, ubertool_command
 from guest import ok, refused
+from servers import free_port
 
 from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.policy import load_policy
@@ -181,3 +182,105 @@ async def test_an_upstream_command_runs_from_the_policys_folder(tmp_path: Path) 
     async with open_run(load_policy(policy)) as run:
         result = await run.cell("from ubertool import mcp\nmcp.call('tracker', 'add', a=1, b=2)")
     assert result.status is Status.OK, result
+
+
+FAILING = Path(__file__).with_name("failing_upstream.py")
+LEAKED = "upstream-token-6f0c2a9e"  # the run's credential, which a stdio upstream prints
+
+
+def failing_policy(tmp_path: Path) -> Path:
+    exits = tmp_path / "exits.py"
+    exits.write_text("import os, sys\n"
+                     "print('EXITS BANNER: cannot start', os.environ['LEAK'], file=sys.stderr)\n"
+                     "sys.exit(3)\n")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""
+[tools.mcp.missing]
+command = ["no-such-upstream-program"]
+allow = ["*"]
+
+[tools.mcp.exits]
+command = ["{sys.executable}", "{exits}"]
+env = {{ LEAK = "{LEAKED}" }}
+allow = ["*"]
+
+[tools.mcp.failing]
+command = ["{sys.executable}", "{FAILING}"]
+allow = ["*"]
+timeout_s = 1
+
+[tools.mcp.relative]
+command = ["./tracker.sh"]
+allow = ["*"]
+
+[tools.mcp.refusing]
+url = "http://127.0.0.1:{free_port()}/mcp"
+credential = "tok"
+allow = ["*"]
+
+[credentials.tok]
+source = "env"
+env = "UPSTREAM_TOKEN"
+""")
+    return policy
+
+
+async def test_a_failing_upstream_is_named_audited_and_its_stderr_kept_in_the_run(
+        tmp_path: Path, _isolated_home: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each way an upstream fails reaches the guest as what happened (never "internal error"),
+    is audited with its stderr's last lines, and its stderr goes to the run's folder, not ours,
+    with the run's secrets redacted."""
+    import json
+
+    monkeypatch.setenv("UPSTREAM_TOKEN", LEAKED)
+    async with open_run(load_policy(failing_policy(tmp_path))) as run:
+        await ok(run, "from ubertool import mcp")
+        assert (await refused(run, "mcp.tools('refusing')")).startswith(  # its credential is minted
+            "MCP server 'refusing' failed while starting: connection failed (")
+        assert await refused(run, "mcp.call('missing', 'x')") == (
+            "MCP server 'missing' failed while starting: command 'no-such-upstream-program' not found "
+            "on PATH")
+        kept = "; its stderr is kept for the operator with the run's audit log"
+        assert await refused(run, "mcp.call('exits', 'x')") == (
+            f"MCP server 'exits' failed while starting: exited with code 3{kept}")
+        assert await ok(run, "mcp.call('failing', 'add', a=1, b=2)") == "3"
+        assert await refused(run, "mcp.call('failing', 'crash')") == (
+            f"MCP server 'failing' failed while calling crash: exited with code 7; the next call starts "
+            f"it again{kept}")
+        assert await ok(run, "mcp.call('failing', 'add', a=2, b=2)") == "4"  # started again
+        assert await refused(run, "mcp.call('failing', 'slow', seconds=5)") == (
+            f"MCP server 'failing' failed while calling slow: timed out after 1 s (policy "
+            f"tools.mcp.failing.timeout_s){kept}")
+        assert await refused(run, "mcp.call('relative', 'x')") == (
+            f"MCP server 'relative' failed while starting: command './tracker.sh' not found (looked in "
+            f"{tmp_path.resolve()})")
+    folder = next(_isolated_home.glob("runs/*"))
+    events = [json.loads(line) for line in (folder / "audit.jsonl").read_text().splitlines()]
+    failed = [(e["server"], e["during"], e.get("stderr_tail", [])[:1]) for e in events
+              if e["event"] == "mcp_failed"]
+    assert failed == [("refusing", "starting", []), ("missing", "starting", []),
+                      ("exits", "starting", ["EXITS BANNER: cannot start [redacted:tok]"]),
+                      ("failing", "calling crash", ["FAILING-UPSTREAM BANNER v1"]),
+                      ("failing", "calling slow", ["FAILING-UPSTREAM BANNER v1"]),
+                      ("relative", "starting", [])]
+    calls = [e["ok"] for e in events if e["event"] == "tool_call"]
+    assert calls == [False, False, False, True, False, True, False, False]
+    assert (folder / "mcp-exits.stderr").read_text() == "EXITS BANNER: cannot start [redacted:tok]\n"
+    assert "crashing now" in (folder / "mcp-failing.stderr").read_text()
+    printed = capfd.readouterr()
+    assert "BANNER" not in printed.err + printed.out and "crashing now" not in printed.err
+
+
+def test_an_upstreams_stderr_file_is_bounded(tmp_path: Path) -> None:
+    """An upstream that floods stderr fills at most the limit; the rest is read and dropped."""
+    from ubertool.tools.upstream import StderrLog
+
+    with StderrLog(tmp_path / "flood.stderr", str, limit=1000) as log:
+        assert log.writer is not None
+        done = subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('x' * 200_000)"],
+                              stderr=log.writer, timeout=30)
+        log.spawned()
+        assert done.returncode == 0 and log.exit_code(wait_s=5) is None
+    text = (tmp_path / "flood.stderr").read_text()
+    assert text.startswith("x" * 1000) and len(text) < 1100 and "cut here" in text

@@ -271,7 +271,8 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
                                                     policy.workspace.guest_path, credentials=credentials,
                                                     recorder=recorder, redactor=redactor,
                                                     on_event=audit.event))
-        upstream = stack.enter_context(UpstreamBroker(dict(policy.tools.mcp), credentials=credentials,
+        upstream = stack.enter_context(UpstreamBroker(dict(policy.tools.mcp), logs=audit.path.parent,
+                                                      credentials=credentials,
                                                       recorder=recorder, redactor=redactor,
                                                       on_event=audit.event))
         packages = stack.enter_context(PackageBroker(policy.packages, cache_home(), pins=pins,

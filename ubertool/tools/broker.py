@@ -39,8 +39,9 @@ class Broker:
 
     def _recorded(self, op: str, arguments: dict[str, Any],
                   perform: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Record the call (a replay answers it from the recording), audit what happened and
-        trace it (a span with the tool's name, never its arguments or answer)."""
+        """Record the call (a replay answers it from the recording), audit what happened (a
+        failure too, whatever it is) and trace it (a span with the tool's name, never its
+        arguments or answer)."""
         tool = f"{self.prefix}.{op}"
         started = time.monotonic()
         with span("ubertool.tool.call", tool=tool):  # a failure marks it: error.type = ToolFailure
@@ -48,6 +49,11 @@ class Broker:
                 answer = recorded_call(self._recorder, tool, arguments, perform)
             except ToolFailure as exc:
                 self._on_event("tool_call", tool=tool, ok=False, error=str(exc)[:300],
+                               duration_s=round(time.monotonic() - started, 6))
+                raise
+            except Exception as exc:  # a broker's own bug: the guest sees "internal error", the audit why
+                self._on_event("tool_call", tool=tool, ok=False,
+                               error=f"internal error: {type(exc).__name__}",
                                duration_s=round(time.monotonic() - started, 6))
                 raise
         self._on_event("tool_call", tool=tool, ok=True, duration_s=round(time.monotonic() - started, 6))
