@@ -21,6 +21,7 @@ import anyio
 import pytest
 from conftest import VENV_BIN, cli_env, ubertool_command
 from fastmcp import Client
+from fastmcp.client.transports import StdioTransport
 from servers import free_port, start_http_server
 
 ray = pytest.importorskip("ray")
@@ -163,6 +164,15 @@ async def test_the_actor_refuses_another_principal(front_ends: list[str], driver
         await actor.call.remote("mallory", "secret", None, None)
     async with Client(front_ends[1], timeout=120) as b:
         assert (await call(b, "secret", session=handle))["value"] == "42"
+
+
+async def test_a_stdio_front_end_keeps_its_connection_s_session(cluster: RayCluster) -> None:
+    transport = StdioTransport(ubertool_command(), ["serve", "--policy", str(cluster.policy), "--cluster",
+                                                    cluster.address, "--warm-pool", "1"], env=cluster.env)
+    async with Client(transport, timeout=120) as client:
+        first = await call(client, "y = 'stdio'")
+        second = await call(client, "y")  # no `session`: the connection's own
+    assert second["value"] == "'stdio'" and second["session"] == first["session"]
 
 
 async def test_a_session_on_a_lost_node_resumes_on_the_other_by_replay(

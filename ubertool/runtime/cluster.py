@@ -59,6 +59,7 @@ ACTOR_OVERHEAD_BYTES = 256 * 2**20
 CANCEL_WAIT_S = 30.0  # how long a cancelled call waits for the actor to stop the cell and restore
 RENAME_WAIT_S = 60.0  # how long a restore waits for Ray to free a lost actor's name
 REFILL_EVERY_S = 1.0
+START_WAIT_S = 120.0  # a session actor not started by then (no node with room, after all) is ended
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,10 @@ class Directory:
             self._sessions[handle] = (principal, info["run"])
             return {"restored": True, "node": info["node"], "lost_node": lost, "report": info["restored"]}
 
+    async def knows(self, handle: str) -> bool:
+        """Whether `handle` is a session this directory gave out and has not seen closed."""
+        return handle in self._sessions
+
     async def closed(self, handle: str) -> None:
         """A session closed itself (expired): forget it and end its actor."""
         import ray
@@ -374,11 +379,12 @@ class Directory:
         handle = "s-" + secrets.token_urlsafe(12)
         host = self._host(handle, node)
         try:
-            await host.start.remote()
-        except _ray_errors() as exc:
+            await asyncio.wait_for(host.start.remote(), START_WAIT_S)
+        except (*_ray_errors(), TimeoutError) as exc:  # e.g. Ray found no room after all: it waits
             self._placed.pop(handle, None)
             ray.kill(host)
-            raise SessionError(f"a session could not be started: {_cause(exc)}") from None
+            why = str(_cause(exc)) or f"it did not start within {START_WAIT_S:g} s"
+            raise SessionError(f"a session could not be started: {why}") from None
         return handle
 
     async def _fill(self) -> None:
@@ -488,6 +494,9 @@ class RaySessions(CallScopes):
             raise SessionError(f"{STOPPING}; call again when it is back.")
         if handle is None and key is not None:
             handle = self._keyed.get((principal, key))
+            if handle is not None and not await self._exists(handle):
+                del self._keyed[(principal, key)]  # the connection's session expired: a new one
+                handle = None
         if handle is None:
             handle = await self._remote(self._directory.take.remote(principal))
             if key is not None:
@@ -501,6 +510,10 @@ class RaySessions(CallScopes):
             return await self._remote(actor.call.remote(principal, code, timeout_s, traceparent))
         except RayActorError:
             return await self._restore(handle, principal)
+
+    async def _exists(self, handle: str) -> bool:
+        """Whether the directory still knows session `handle` (open, or lost and restorable)."""
+        return bool(await self._remote(self._directory.knows.remote(handle)))
 
     async def _remote(self, ref: Any) -> Any:
         """The value of an actor call; a `SessionError` it raised comes out as one. Cancelling
