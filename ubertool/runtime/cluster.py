@@ -135,6 +135,7 @@ class SessionHost:
         done = [cell for cell in cells if Status(cell.status) in COMPLETED]
         report = await run.session.adopt([(c.number, c.code, Status(c.status), c.exchanges) for c in done],
                                          next_cell=max((c.number for c in cells), default=0) + 1)
+        self._live.calls = len(cells) + 1  # its earlier calls count: not an unused session
         for cell in done:
             run.record.cells.append(cell)
             await anyio.to_thread.run_sync(journal.add_cell, run.id, cell)
@@ -223,6 +224,7 @@ class Directory:
         self.cluster = cluster
         self._bytes = session_bytes(policy)
         self._sessions: dict[str, tuple[str, str]] = {}  # handle -> (owner, current run id)
+        self._given: dict[str, float] = {}  # handle -> when it was given out (monotonic)
         self._placed: dict[str, str] = {}  # handle -> node id, for every actor made (warm or claimed)
         self._ready: dict[str, list[str]] = {}  # node id -> warm sessions' handles, oldest first
         self._locks: dict[str, asyncio.Lock] = {}
@@ -258,6 +260,7 @@ class Directory:
             finally:
                 self._wake.set()  # refill, once this claim is answered
             self._sessions[handle] = (principal, run_id)
+            self._given[handle] = time.monotonic()
             return handle
         raise SessionError("no session could be started: its nodes were lost; call again")
 
@@ -296,6 +299,7 @@ class Directory:
                 raise SessionError(f"session {handle} could not be restored: {_cause(exc)}") from None
             self._placed[handle] = info["node"]
             self._sessions[handle] = (principal, info["run"])
+            self._given[handle] = time.monotonic()  # its lifetime starts again, as the actor's does
             return {"restored": True, "node": info["node"], "lost_node": lost, "report": info["restored"]}
 
     async def knows(self, handle: str) -> bool:
@@ -305,10 +309,20 @@ class Directory:
     async def closed(self, handle: str) -> None:
         """A session closed itself (expired): forget it and end its actor."""
         import ray
-        self._sessions.pop(handle, None)
-        self._placed.pop(handle, None)
+        self._forget(handle)
         with contextlib.suppress(ValueError):
             ray.kill(_actor(handle, self.cluster.namespace))
+
+    def _forget(self, handle: str) -> None:
+        for table in (self._sessions, self._placed, self._given, self._locks):
+            table.pop(handle, None)
+
+    def _forget_old(self) -> None:
+        """Forget sessions given out longer ago than their lifetime: one lost with its node and
+        never called again leaves no entry behind (a live one has closed itself by then)."""
+        cutoff = time.monotonic() - self.policy.limits.session_lifetime_s
+        for handle in [h for h, given in self._given.items() if given < cutoff]:
+            self._forget(handle)
 
     async def pool(self) -> dict[str, int]:
         """Warm sessions per node id (for tests and benchmarks)."""
@@ -392,6 +406,7 @@ class Directory:
         (starting one is the costly part: a process and an interpreter)."""
         while True:
             self._refresh()
+            self._forget_old()
             free = self._nodes()
             short = sorted((n for n in free if len(self._ready.setdefault(n, [])) < self.cluster.warm
                             and free[n] >= self._bytes), key=free.__getitem__, reverse=True)
