@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,10 @@ from servers import free_port, start_http_server
 
 from ubertool.runtime.journal import Journal
 
+# Token authentication on, as a real cluster should run: the nodes, the front ends and this test's
+# driver hold one token. Ray reads these when it is imported: hence here, before.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
