@@ -15,7 +15,8 @@ What lives where:
   passes it the authenticated principal, sends progress while the cell runs, and turns a
   client's cancellation into `ray.cancel` of the actor's call (the cell is interrupted and
   the state restored, as in-process). Only a connection's own binding (stdio, `Mcp-Session-Id`)
-  is kept, as that connection is.
+  is kept, as that connection is. It passes its span's trace context along, so the spans each
+  actor exports (the policy's telemetry, per process) continue the MCP call's trace.
 
 Node loss: a call that finds the actor dead asks the directory to restore the session on
 another node: a new actor of the same name replays the session's completed cells from the
@@ -41,12 +42,15 @@ from typing import Any
 import anyio
 from fastmcp.tools import ToolResult
 from mcp.types import TextContent
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 
 from ubertool.runtime.journal import Journal
 from ubertool.runtime.manager import CallScopes, answer
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.runs import open_run
 from ubertool.runtime.sessions import STOPPING, SessionError, _Live, expired
+from ubertool.runtime.telemetry import telemetry
 from ubertool.sandbox import Status
 from ubertool.sandbox.result import COMPLETED
 
@@ -115,6 +119,7 @@ class SessionHost:
         Raises:
             SandboxStartError: the sandbox could not be set up.
         """
+        self._stack.enter_context(telemetry(self.policy))  # this process's spans and metrics, when on
         journal = self._stack.enter_context(Journal.default(self.policy.journal))
         run = await self._stack.enter_async_context(
             open_run(self.policy, journal=journal, kind="mcp", principal=owner))
@@ -168,9 +173,10 @@ class SessionHost:
         return live
 
     async def call(self, principal: str, code: str, timeout_s: float | None,
-                   traceparent: str | None) -> ToolResult:
+                   traceparent: str | None, carrier: dict[str, str] | None = None) -> ToolResult:
         """Run one cell for `principal` (see `manager.answer`); cancelling this call (`ray.cancel`)
-        stops the cell.
+        stops the cell. `carrier` holds the front end's trace context (W3C headers): the cell's
+        spans continue the front end's span of the MCP call.
 
         Raises:
             SessionError: `principal` does not own this session.
@@ -179,9 +185,11 @@ class SessionHost:
         live.active += 1
         live.calls += 1
         live.last_used = time.monotonic()
+        token = otel_context.attach(propagate.extract(carrier or {}))
         try:
             return await answer(self.handle, live.run, code, timeout_s=timeout_s, traceparent=traceparent)
         finally:
+            otel_context.detach(token)
             live.active -= 1
             live.last_used = time.monotonic()
 
@@ -521,8 +529,10 @@ class RaySessions(CallScopes):
         except ValueError:
             return await self._restore(handle, principal)  # unknown unless it is a lost session of yours
         from ray.exceptions import RayActorError
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # the span of this MCP call, for the actor's spans to continue
         try:
-            return await self._remote(actor.call.remote(principal, code, timeout_s, traceparent))
+            return await self._remote(actor.call.remote(principal, code, timeout_s, traceparent, carrier))
         except RayActorError:
             return await self._restore(handle, principal)
 
