@@ -6,6 +6,7 @@ killed mid-session and the session resumed on the head node by replay."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -31,7 +32,7 @@ from ubertool.runtime.journal import Journal
 # driver hold one token. Ray reads these when it is imported: hence here, before.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")  # never initialised in this process: see ray_driver.py
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -99,21 +100,41 @@ def cluster() -> Iterator[RayCluster]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+class Driver:
+    """Asks the cluster (where an actor runs, the warm pool, a direct actor call) through
+    `ray_driver.py`, a Ray driver in its own process: see there why not in this one."""
+
+    def __init__(self, cluster: RayCluster) -> None:
+        script = Path(__file__).with_name("ray_driver.py")
+        self.proc = subprocess.Popen([str(VENV_BIN / "python"), str(script), cluster.address],
+                                     env=cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+
+    def ask(self, name: str, *args: Any) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps([name, args]) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def node_ids(self) -> tuple[str, str]:
+        """(head, worker) node ids."""
+        by_memory = {memory: node for node, memory in self.ask("nodes").items()}
+        return by_memory[HEAD_MEMORY], by_memory[WORKER_MEMORY]
+
+    def wait_for_warm_pool(self, nodes: int) -> None:
+        """Until the directory keeps a warm session on each of `nodes` nodes (60 s at most)."""
+        deadline = time.monotonic() + 60
+        while sum(1 for n in self.ask("pool").values() if n) < nodes:
+            assert time.monotonic() < deadline, "the warm pool did not fill"
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
-def driver(cluster: RayCluster) -> Iterator[Any]:
-    """This test process as a Ray driver, to ask where a session's actor runs."""
-    ray.init(address=cluster.address, namespace="ubertool", logging_level="ERROR", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def wait_for_warm_pool(nodes: int) -> None:
-    """Until the directory keeps a warm session on each of `nodes` nodes (60 s at most)."""
-    directory = ray.get_actor("ubertool-directory", namespace="ubertool")
-    deadline = time.monotonic() + 60
-    while sum(1 for n in ray.get(directory.pool.remote()).values() if n) < nodes:
-        assert time.monotonic() < deadline, "the warm pool did not fill"
-        time.sleep(0.2)
+def driver(cluster: RayCluster) -> Iterator[Driver]:
+    driver = Driver(cluster)
+    yield driver
+    driver.proc.stdin.close()  # type: ignore[union-attr]
+    driver.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -138,23 +159,16 @@ async def call(client: Client, code: str, **args: Any) -> dict[str, Any]:
     return result.structured_content
 
 
-def node_ids() -> tuple[str, str]:
-    """(head, worker) node ids."""
-    nodes = {n["Resources"]["memory"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    return nodes[HEAD_MEMORY], nodes[WORKER_MEMORY]
-
-
 async def test_two_front_ends_serve_one_session_and_a_cancel_stops_its_cell(
-        front_ends: list[str], driver: Any) -> None:
-    wait_for_warm_pool(2)
+        front_ends: list[str], driver: Driver) -> None:
+    driver.wait_for_warm_pool(2)
     async with Client(front_ends[0], timeout=120) as a, Client(front_ends[1], timeout=120) as b:
         first = await call(a, "x = 1\nx")
         handle = first["session"]
         assert first["value"] == "1"
         assert (await call(b, "x += 1\nx", session=handle))["value"] == "2"
         assert (await call(a, "x += 1\nx", session=handle))["value"] == "3"
-        actor = driver.get_actor(handle, namespace="ubertool")
-        assert await actor.where.remote() == node_ids()[1]  # placed by memory: the roomier worker
+        assert driver.ask("where", handle) == driver.node_ids()[1]  # placed by memory: the roomier worker
 
         with anyio.move_on_after(2):
             await call(b, "while True: pass", session=handle, timeout_s=60)
@@ -163,12 +177,10 @@ async def test_two_front_ends_serve_one_session_and_a_cancel_stops_its_cell(
         assert after["value"] == "3"
 
 
-async def test_the_actor_refuses_another_principal(front_ends: list[str], driver: Any) -> None:
+async def test_the_actor_refuses_another_principal(front_ends: list[str], driver: Driver) -> None:
     async with Client(front_ends[0], timeout=120) as a:
         handle = (await call(a, "secret = 42"))["session"]
-    actor = driver.get_actor(handle, namespace="ubertool")
-    with pytest.raises(ray.exceptions.RayTaskError, match="no open session"):
-        await actor.call.remote("mallory", "secret", None, None)
+    assert "no open session" in driver.ask("call_as", handle, "mallory", "secret")["error"]
     async with Client(front_ends[1], timeout=120) as b:
         assert (await call(b, "secret", session=handle))["value"] == "42"
 
@@ -183,9 +195,9 @@ async def test_a_stdio_front_end_keeps_its_connection_s_session(cluster: RayClus
 
 
 async def test_a_session_on_a_lost_node_resumes_on_the_other_by_replay(
-        cluster: RayCluster, front_ends: list[str], driver: Any) -> None:
-    head, worker = node_ids()
-    wait_for_warm_pool(2)
+        cluster: RayCluster, front_ends: list[str], driver: Driver) -> None:
+    head, worker = driver.node_ids()
+    driver.wait_for_warm_pool(2)
     ticks: list[float] = []
 
     async def progress(value: float, total: float | None, message: str | None) -> None:
@@ -196,7 +208,7 @@ async def test_a_session_on_a_lost_node_resumes_on_the_other_by_replay(
         first = await call(a, "data = [1, 2]\nopen('/workspace/notes.txt', 'w').write('kept')")
         handle = first["session"]
         await call(b, "data.append(3)", session=handle)
-        assert await driver.get_actor(handle, namespace="ubertool").where.remote() == worker
+        assert driver.ask("where", handle) == worker
 
         async def kill_mid_cell() -> None:
             while not ticks:  # the cell runs on the worker: its progress reached the client
@@ -212,7 +224,7 @@ async def test_a_session_on_a_lost_node_resumes_on_the_other_by_replay(
 
         again = await call(a, "data.append(4)\n(data, open('/workspace/notes.txt').read())", session=handle)
         assert again["value"] == "([1, 2, 3, 4], 'kept')", again
-        assert await driver.get_actor(handle, namespace="ubertool").where.remote() == head
+        assert driver.ask("where", handle) == head
 
     with Journal(cluster.home / "journal.sqlite") as journal:  # the restored run holds every cell
         run = journal.find_run(handle)
