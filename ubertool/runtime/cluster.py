@@ -494,6 +494,9 @@ class RaySessions(CallScopes):
                 await anyio.to_thread.run_sync(ray.shutdown)
 
     def _connect(self) -> None:
+        # ray.init installs its own fault handlers, replacing the SIGSEGV handler wasmtime needs:
+        # harmless here, as a front end never opens a sandbox (a process that does must open its
+        # first one after ray.init; Ray's workers do, as they start before the actor's code).
         import ray
         options: dict[str, Any] = {"namespace": self.cluster.namespace, "log_to_driver": False,
                                    "logging_level": "WARNING"}
