@@ -5,6 +5,7 @@ Exit codes: 0 done; 1 a cell failed; 2 a usage or policy error.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -148,14 +149,21 @@ def shell(policy_path: str | None, workspace: Path | None) -> None:
 @click.option("--token-env", metavar="VAR", help="HTTP only: require the bearer token in $VAR.")
 @click.option("--insecure-no-auth", is_flag=True,
               help="HTTP only: serve a non-loopback address without authentication.")
+@click.option("--cluster", "cluster_address", metavar="ADDRESS",
+              help="Run each session as a Ray actor on this cluster (HOST:PORT of `ray start --head`, or "
+                   "`auto`: the local Ray, started if none runs). Needs the [cluster] extra.")
+@click.option("--warm-pool", type=click.IntRange(min=0, max=64), default=2, show_default=True,
+              help="With --cluster: started sessions kept ready on each node.")
 def serve(policy_path: str | None, transport: str, host: str, port: int, allow_hosts: tuple[str, ...],
           allow_origins: tuple[str, ...], token_file: str | None, token_env: str | None,
-          insecure_no_auth: bool) -> None:
+          insecure_no_auth: bool, cluster_address: str | None, warm_pool: int) -> None:
     """Serve the one `python` tool over MCP (stdio, or streamable HTTP at /mcp).
 
     Over HTTP every request's Host and Origin are checked and, with a token or a [server.oauth]
     policy section, its bearer token. SIGINT or SIGTERM stops the server cleanly (exit 0).
+    With --cluster, sessions live on a Ray cluster and outlive this server.
     """
+    from ubertool.runtime.cluster import Cluster
     from ubertool.runtime.frontdoor import FrontDoor, FrontDoorError
     from ubertool.runtime.policy import ServerToken
     from ubertool.runtime.server import serve as serve_mcp
@@ -178,8 +186,13 @@ def serve(policy_path: str | None, transport: str, host: str, port: int, allow_h
             sys.exit(2)
         click.echo(f"ubertool serving MCP at http://{host}:{port}/mcp (policy: {policy.source}; "
                    f"authentication: {door.kind})", err=True)
-    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port, door=door),
-               policy=policy)
+    cluster = None
+    if cluster_address:
+        if importlib.util.find_spec("ray") is None:
+            raise click.UsageError("--cluster needs Ray: pip install 'ubertool[cluster]'")
+        cluster = Cluster(cluster_address, warm=warm_pool)
+    _sandboxed(anyio.run, partial(serve_mcp, policy, transport, host=host, port=port, door=door,
+                                  cluster=cluster), policy=policy)
 
 
 @main.command()

@@ -1,7 +1,8 @@
 """The MCP server: exactly one tool, `python`, over stdio or streamable HTTP (fastmcp).
 
-A call finds its principal's session (`sessions.SessionManager`), runs the cell in it while
-sending progress every second after the first, and answers with `reply.reply`. A failed cell is
+A call goes to its principal's session through a `manager.Sessions` (in this process,
+`sessions.SessionManager`; with `--cluster`, `cluster.RaySessions`), which runs the cell while
+the server sends progress every second after the first, and answers with `reply.reply`. A failed cell is
 a tool result with `isError`, never a protocol error; a client's cancellation, or closing its
 HTTP stream, stops the cell. Over HTTP the front door (`frontdoor`) checks Host, Origin and the
 bearer token first. SIGINT and SIGTERM stop the server cleanly: the cells in flight are stopped
@@ -25,22 +26,22 @@ from fastmcp import Context, FastMCP
 from fastmcp.server.auth import AuthProvider
 from fastmcp.tools import ToolResult
 from mcp.types import ToolAnnotations
-from opentelemetry import trace
 from pydantic import Field
 
 from ubertool import __version__
 from ubertool.playbooks.dump import NAME
 from ubertool.runtime.about import tool_description
 from ubertool.runtime.audit import AuditLog
+from ubertool.runtime.cluster import Cluster, RaySessions
 from ubertool.runtime.frontdoor import FrontDoor, principal, server_audit
 from ubertool.runtime.journal import Journal
+from ubertool.runtime.manager import Sessions
 from ubertool.runtime.persist import SessionStore
 from ubertool.runtime.policy import Policy
-from ubertool.runtime.reply import refusal, reply, saves
-from ubertool.runtime.runs import Run, playbook_owner, playbooks_home
+from ubertool.runtime.reply import refusal
+from ubertool.runtime.runs import playbook_owner, playbooks_home
 from ubertool.runtime.sessions import STOPPING, SessionError, SessionManager
 from ubertool.runtime.telemetry import ERRORS
-from ubertool.sandbox import SessionClosed
 
 PROGRESS_AFTER_S = 1.0
 GRACEFUL_S = 10.0  # how long uvicorn lets answered responses finish after a stop
@@ -74,23 +75,7 @@ async def _progress(ctx: Context, timeout_s: float) -> None:
         await anyio.sleep(1.0)
 
 
-async def _run_cell(ctx: Context, handle: str, run: Run, code: str, timeout_s: float | None) -> ToolResult:
-    timeout = run.timeout_for(timeout_s)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_progress, ctx, timeout)
-        try:
-            result = await run.cell(code, timeout_s=timeout, traceparent=_traceparent(ctx))
-        except SessionClosed:
-            return refusal(f"session {handle} was closed while this call waited. "
-                           "Call again without `session` to start a new one.")
-        finally:
-            tg.cancel_scope.cancel()
-    if saves(result, run):  # saving long output writes into the workspace: off the event loop
-        return await anyio.to_thread.run_sync(reply, handle, result, run)
-    return reply(handle, result, run)  # a few microseconds: a thread hop would cost more
-
-
-def build_server(manager: SessionManager, auth: AuthProvider | None = None) -> FastMCP[Any]:
+def build_server(manager: Sessions, auth: AuthProvider | None = None) -> FastMCP[Any]:
     """The FastMCP app whose one tool runs cells in `manager`'s sessions (which it must run);
     over HTTP, `auth` verifies each request's bearer token."""
     policy = manager.policy
@@ -104,19 +89,20 @@ def build_server(manager: SessionManager, auth: AuthProvider | None = None) -> F
             description="The session to continue, as named by an earlier result. "
                         "Leave it out to start one (over stdio, to use the connection's own).")] = None,
     ) -> ToolResult:
-        held = "no session yet"
+        limits = policy.limits
+        timeout = limits.timeout_s if timeout_s is None else min(timeout_s, limits.max_timeout_s)
         with manager.stoppable():
-            try:
-                async with manager.use(session, _connection_key(ctx), principal()) as (handle, run):
-                    held = f"session {handle}, run {run.id}"
-                    # fastmcp's span of this call (it continues the client's `traceparent`).
-                    ids = {"ubertool.session": handle, "ubertool.run": run.id,
-                           "ubertool.principal": principal()}
-                    trace.get_current_span().set_attributes(ids)
-                    return await _run_cell(ctx, handle, run, code, timeout_s)
-            except SessionError as exc:
-                ERRORS.add(1, {"kind": "refused"})
-                return refusal(str(exc))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_progress, ctx, timeout)
+                try:
+                    return await manager.call(session, _connection_key(ctx), principal(), code,
+                                              timeout_s=timeout_s, traceparent=_traceparent(ctx))
+                except SessionError as exc:
+                    ERRORS.add(1, {"kind": "refused"})
+                    return refusal(str(exc))
+                finally:
+                    tg.cancel_scope.cancel()
+        held = f"session {session}" if session else "its session"
         return refusal(f"[cancelled] {STOPPING}: this call was stopped ({held}); the session's "
                        "finished cells are in the journal (`ubertool sessions dump`).", status="cancelled")
 
@@ -164,7 +150,7 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-async def _stop_on_signal(manager: SessionManager, then: Callable[[], None]) -> None:
+async def _stop_on_signal(manager: Sessions, then: Callable[[], None]) -> None:
     """At SIGINT or SIGTERM, stop the calls in flight (each answered), then call `then`.
     Later signals are swallowed while the shutdown runs."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -175,7 +161,7 @@ async def _stop_on_signal(manager: SessionManager, then: Callable[[], None]) -> 
         await anyio.sleep_forever()
 
 
-async def _serve_http(server: FastMCP[Any], manager: SessionManager, door: FrontDoor, audit: AuditLog,
+async def _serve_http(server: FastMCP[Any], manager: Sessions, door: FrontDoor, audit: AuditLog,
                       host: str, port: int) -> None:
     app = door.guard(server.http_app(transport="http", host_origin_protection=False), audit)
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", ws="websockets-sansio",
@@ -192,27 +178,37 @@ async def _serve_http(server: FastMCP[Any], manager: SessionManager, door: Front
         tg.cancel_scope.cancel()
 
 
-async def _serve_stdio(server: FastMCP[Any], manager: SessionManager) -> None:
+async def _serve_stdio(server: FastMCP[Any], manager: Sessions) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, manager, tg.cancel_scope.cancel)
         await server.run_async("stdio", show_banner=False)
         tg.cancel_scope.cancel()
 
 
+def _sessions(policy: Policy, journal: Journal, cluster: Cluster | None,
+              on_event: Callable[..., None] | None = None, store: SessionStore | None = None) -> Sessions:
+    """In this process (saved to `store` when given), or (with `cluster`) in Ray actors; Ray is
+    imported only then."""
+    if cluster is None:
+        return SessionManager(policy, journal=journal, on_event=on_event, store=store)
+    return RaySessions(policy, cluster, on_event=on_event)
+
+
 async def serve(policy: Policy, transport: str, *, host: str = "127.0.0.1", port: int = 8765,
-                door: FrontDoor | None = None) -> None:
+                door: FrontDoor | None = None, cluster: Cluster | None = None) -> None:
     """Serve until the transport ends (stdin closed) or SIGINT/SIGTERM stops it cleanly.
-    Over HTTP, `door` guards every request (default: loopback names only, no auth)."""
+    Over HTTP, `door` guards every request (default: loopback names only, no auth). With
+    `cluster`, sessions live in Ray actors (see `cluster`) and outlive this server."""
     with Journal.default(policy.journal) as journal:
         store = SessionStore.default(journal) if policy.sessions.persist else None
         if transport != "http":
-            async with SessionManager(policy, journal=journal, store=store).running() as manager:
+            async with _sessions(policy, journal, cluster, store=store).running() as manager:
                 await _serve_stdio(build_server(manager), manager)
             return
         door = door or FrontDoor()
         with server_audit(transport="http", host=host, port=port, auth=door.kind,
                           allowed_hosts=list(door.allowed_hosts) or None,
-                          allowed_origins=list(door.allowed_origins) or None) as audit:
-            async with SessionManager(policy, journal=journal, on_event=audit.event,
-                                      store=store).running() as manager:
+                          allowed_origins=list(door.allowed_origins) or None,
+                          cluster=cluster.address if cluster else None) as audit:
+            async with _sessions(policy, journal, cluster, audit.event, store).running() as manager:
                 await _serve_http(build_server(manager, door.auth), manager, door, audit, host, port)

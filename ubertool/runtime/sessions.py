@@ -21,13 +21,15 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
+from fastmcp.tools import ToolResult
 
 from ubertool.runtime.journal import Journal
+from ubertool.runtime.manager import CallScopes, answer
 from ubertool.runtime.persist import NotYours, SessionStore, load_session, prune_saved, save_session
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.pool import RunPool
@@ -67,8 +69,9 @@ class _Live:
         return self.active == 0 and not self.run.session.busy
 
 
-class SessionManager:
-    """Opens, finds and closes sessions; `running()` serves and closes all on exit.
+class SessionManager(CallScopes):
+    """Opens, finds and closes sessions in this process (the `manager.Sessions` the server uses
+    without `--cluster`); `running()` serves and closes all on exit.
 
     `on_event(kind, **fields)` receives server-level events (a refused foreign handle); each
     run's own events go to its audit log.
@@ -76,6 +79,7 @@ class SessionManager:
 
     def __init__(self, policy: Policy, *, journal: Journal | None = None, reap_every_s: float = 5.0,
                  on_event: Callable[..., None] | None = None, store: SessionStore | None = None) -> None:
+        super().__init__()
         self.policy = policy
         self.journal = journal
         # Saved sessions (`[sessions] persist`): they need the journal, to replay what an image lacks.
@@ -86,9 +90,6 @@ class SessionManager:
         self._lock = anyio.Lock()
         self._reap_every_s = reap_every_s
         self._on_event = on_event or (lambda kind, **fields: None)
-        self._calls: set[anyio.CancelScope] = set()
-        self._drained: anyio.Event | None = None  # set by the last call to end while stopping
-        self.stopping = False
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SessionManager]:
@@ -112,30 +113,11 @@ class SessionManager:
                         saved = await self._save(handle)
                         await self.close(handle, reason="server stopping", suspend=saved)
 
-    async def stop(self) -> None:
-        """Refuse new calls and stop the cells in flight; returns when every call has been
-        answered (each cell stopped reports `cancelled`, "the server is stopping")."""
-        self.stopping = True
-        if self._calls:
-            self._drained = anyio.Event()
-            for scope in list(self._calls):
-                scope.cancel()
-            await self._drained.wait()
-
-    @contextmanager
-    def stoppable(self) -> Iterator[anyio.CancelScope]:
-        """The scope of one call, cancelled by `stop` (at once when already stopping); the
-        caller answers "the server is stopping" when its `cancelled_caught` is set."""
-        with anyio.CancelScope() as scope:
-            self._calls.add(scope)
-            if self.stopping:
-                scope.cancel()
-            try:
-                yield scope
-            finally:
-                self._calls.discard(scope)
-                if not self._calls and self._drained is not None:
-                    self._drained.set()
+    async def call(self, handle: str | None, key: str | None, principal: str, code: str, *,
+                   timeout_s: float | None, traceparent: str | None) -> ToolResult:
+        """See `manager.Sessions.call`."""
+        async with self.use(handle, key, principal) as (name, run):
+            return await answer(name, run, code, timeout_s=timeout_s, traceparent=traceparent)
 
     @asynccontextmanager
     async def use(self, handle: str | None, key: str | None,
@@ -307,19 +289,6 @@ class SessionManager:
         return (len(self._live) + len(self.pool.runs) < self.policy.limits.max_sessions
                 and held <= self.policy.limits.host_memory_mib * 2**20)
 
-    def _expired(self, live: _Live, now: float) -> str:
-        limits, server = self.policy.limits, self.policy.server
-        if now - live.opened > limits.session_lifetime_s:
-            return f"older than session_lifetime_s ({limits.session_lifetime_s:g} s)"
-        if not live.idle():
-            return ""
-        unused = server.unused_session_idle_s
-        if not live.keyed and live.calls <= 1 and now - live.last_used > unused:
-            return f"never called again within server.unused_session_idle_s ({unused:g} s)"
-        if now - max(live.last_used, live.run.session.last_active) > limits.session_idle_s:
-            return f"idle over session_idle_s ({limits.session_idle_s:g} s)"
-        return ""
-
     async def _reaper(self) -> None:
         every = min(self._reap_every_s, self.policy.limits.session_idle_s / 2,
                     self.policy.server.unused_session_idle_s / 2, self.policy.sessions.persist_idle_s / 2)
@@ -327,7 +296,7 @@ class SessionManager:
             await anyio.sleep(every)
             now = time.monotonic()
             for handle, live in list(self._live.items()):
-                if reason := self._expired(live, now):
+                if reason := expired(self.policy, live, now):
                     await self.close(handle, reason=reason)
                 elif self._save_due(live, now):
                     await self._save(handle)
@@ -337,3 +306,19 @@ class SessionManager:
         rested = now - max(live.last_used, live.run.session.last_active)
         return (self.store is not None and live.idle() and live.saved_calls != live.calls
                 and rested > self.policy.sessions.persist_idle_s)
+
+
+def expired(policy: Policy, live: _Live, now: float) -> str:
+    """Why `live` is to be closed now (older than its lifetime, idle too long, never called
+    again), or ''."""
+    limits, server = policy.limits, policy.server
+    if now - live.opened > limits.session_lifetime_s:
+        return f"older than session_lifetime_s ({limits.session_lifetime_s:g} s)"
+    if not live.idle():
+        return ""
+    unused = server.unused_session_idle_s
+    if not live.keyed and live.calls <= 1 and now - live.last_used > unused:
+        return f"never called again within server.unused_session_idle_s ({unused:g} s)"
+    if now - max(live.last_used, live.run.session.last_active) > limits.session_idle_s:
+        return f"idle over session_idle_s ({limits.session_idle_s:g} s)"
+    return ""

@@ -26,6 +26,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -341,6 +342,28 @@ class SandboxSession:
                 self._cancel = None
                 self.last_active = time.monotonic()
 
+    async def adopt(self, cells: Sequence[tuple[int, str, Status, tuple[Exchange, ...]]],
+                    next_cell: int) -> RestoreReport:
+        """Take on the completed cells (number, code, status, exchanges) of this session as it
+        ran elsewhere (on a lost node, read back from the journal) and rebuild its state by
+        replaying them, answered from their exchanges; later cells are numbered from
+        `next_cell`. Call it before any cell has run. Blocks like a restore; never raises for
+        the guest (a replay that diverges is in the report). The cells' writes to the new
+        workspace and /tmp are kept: they rebuild the files there.
+
+        Raises:
+            SessionClosed: The session was closed.
+        """
+        async with self._lock:
+            if self._interp is None:
+                raise SessionClosed("the sandbox session is closed")
+            self._history = [_Cell(number, code, True, status, exchanges)
+                             for number, code, status, exchanges in cells]
+            self._next = next_cell
+            self.last_restore = await anyio.to_thread.run_sync(partial(self._restore, aside=False))
+            self._measure()
+            return self.last_restore
+
     def _cell_in_thread(
         self, number: int, code: str, echo: bool, timeout: float,
         cancel: threading.Event, finished: threading.Event,
@@ -481,8 +504,10 @@ class SandboxSession:
         self._set_clock(self._interp)
         return lost
 
-    def _restore(self) -> RestoreReport:
-        """Open a new interpreter from the base and replay the completed cells after it; blocks."""
+    def _restore(self, *, aside: bool = True) -> RestoreReport:
+        """Open a new interpreter from the base and replay the completed cells after it; blocks.
+        `aside`: the writable folders already hold what the cells wrote (so the replay's writes
+        are discarded); False in a new place whose folders the replay fills."""
         if self._interp is not None:
             self._interp.close()
         started = time.perf_counter()
@@ -491,7 +516,7 @@ class SandboxSession:
         replayed = self._history[base.cells:]
         recorded = [exchange for cell in replayed for exchange in cell.exchanges]
         with ExitStack() as stack:
-            for folder, names in base.names.items():
+            for folder, names in base.names.items() if aside else ():
                 stack.enter_context(set_aside(folder, names))
             stack.enter_context(self.config.recorder.replaying(recorded, base.outside))
             for index, cell in enumerate(replayed):

@@ -1,0 +1,232 @@
+"""Sessions on a Ray cluster: a two-node cluster on loopback (`ray start --head` and a second
+`ray start --address`), two `ubertool serve --cluster` front ends over HTTP serving one session
+alternately through fastmcp's Client, a cell cancelled through the cluster, the worker node
+killed mid-session and the session resumed on the head node by replay."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import VENV_BIN, cli_env, ubertool_command
+from fastmcp import Client
+from fastmcp.client.transports import StdioTransport
+from servers import free_port, start_http_server
+
+from ubertool.runtime.journal import Journal
+
+# Token authentication on, as a real cluster should run: the nodes, the front ends and this test's
+# driver hold one token. Ray reads these when it is imported: hence here, before.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+pytest.importorskip("ray")  # never initialised in this process: see ray_driver.py
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+MIB = 2**20
+POLICY = "[limits]\nmemory_mib = 64\ntimeout_s = 30\n"
+# The head has less memory than the worker, so placement by memory puts the first session on
+# the worker, the node the test kills; the head keeps room for the restored one.
+HEAD_MEMORY, WORKER_MEMORY = 1536 * MIB, 4096 * MIB
+# Ray notices a lost node within about 1.5 s instead of its default of about 15 s.
+FAST_DETECTION = ('{"health_check_period_ms":500,"health_check_failure_threshold":3,'
+                  '"health_check_initial_delay_ms":0}')
+
+
+@dataclass
+class RayCluster:
+    address: str
+    home: Path
+    policy: Path
+    worker: subprocess.Popen[bytes]  # `ray start` of the worker node, leader of its process group
+    env: dict[str, str]
+
+    def kill_worker(self) -> None:
+        """The worker node dies: its raylet and every process it started (SIGKILL), the actors'
+        worker processes included (Ray puts those in process groups of their own)."""
+        listing = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True,
+                                 check=True)
+        table = [line.split() for line in listing.stdout.splitlines()]
+        doomed = {int(pid) for pid, _, pgid in table if int(pgid) == self.worker.pid}
+        while grown := {int(pid) for pid, ppid, _ in table if int(ppid) in doomed} - doomed:
+            doomed |= grown
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _ray(*args: str, env: dict[str, str], new_group: bool = False) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([str(VENV_BIN / "ray"), *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=new_group)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray {args[0]} failed: {err.decode(errors='replace')[-2000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    """Two Ray nodes on 127.0.0.1 with one CPU each, in temporary folders; stopped (--force)."""
+    scratch = Path(tempfile.mkdtemp(prefix="ubc-"))  # short: Ray's socket paths must fit 107 bytes
+    home = scratch / "home"
+    home.mkdir()
+    policy = scratch / "policy.toml"
+    policy.write_text(POLICY)
+    env = cli_env(UBERTOOL_HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    port = free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        _ray("start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
+             str(scratch / "ray"), "--memory", str(HEAD_MEMORY), f"--system-config={FAST_DETECTION}",
+             *common, env=env)
+        worker = _ray("start", "--address", f"127.0.0.1:{port}", "--memory", str(WORKER_MEMORY), *common,
+                      env=env, new_group=True)
+        yield RayCluster(f"127.0.0.1:{port}", home, policy, worker, env)
+    finally:
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class Driver:
+    """Asks the cluster (where an actor runs, the warm pool, a direct actor call) through
+    `ray_driver.py`, a Ray driver in its own process: see there why not in this one."""
+
+    def __init__(self, cluster: RayCluster) -> None:
+        script = Path(__file__).with_name("ray_driver.py")
+        self.proc = subprocess.Popen([str(VENV_BIN / "python"), str(script), cluster.address],
+                                     env=cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+
+    def ask(self, name: str, *args: Any) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps([name, args]) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def node_ids(self) -> tuple[str, str]:
+        """(head, worker) node ids."""
+        by_memory = {memory: node for node, memory in self.ask("nodes").items()}
+        return by_memory[HEAD_MEMORY], by_memory[WORKER_MEMORY]
+
+    def wait_for_warm_pool(self, nodes: int) -> None:
+        """Until the directory keeps a warm session on each of `nodes` nodes (60 s at most)."""
+        deadline = time.monotonic() + 60
+        while sum(1 for n in self.ask("pool").values() if n) < nodes:
+            assert time.monotonic() < deadline, "the warm pool did not fill"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def driver(cluster: RayCluster) -> Iterator[Driver]:
+    driver = Driver(cluster)
+    yield driver
+    driver.proc.stdin.close()  # type: ignore[union-attr]
+    driver.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def front_ends(cluster: RayCluster) -> Iterator[list[str]]:
+    """Two `ubertool serve --cluster` processes over HTTP; their /mcp URLs."""
+    started = []
+    try:
+        for _ in range(2):
+            proc, url = start_http_server(ubertool_command(), cluster.env,
+                                          ["--policy", str(cluster.policy), "--cluster", cluster.address,
+                                           "--warm-pool", "1"])
+            started.append((proc, url))
+        yield [url for _, url in started]
+    finally:
+        for proc, _ in started:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+async def call(client: Client, code: str, **args: Any) -> dict[str, Any]:
+    result = await client.call_tool("python", {"code": code, **args}, raise_on_error=False)
+    return result.structured_content
+
+
+async def test_two_front_ends_serve_one_session_and_a_cancel_stops_its_cell(
+        front_ends: list[str], driver: Driver) -> None:
+    driver.wait_for_warm_pool(2)
+    async with Client(front_ends[0], timeout=120) as a, Client(front_ends[1], timeout=120) as b:
+        first = await call(a, "x = 1\nx")
+        handle = first["session"]
+        assert first["value"] == "1"
+        assert (await call(b, "x += 1\nx", session=handle))["value"] == "2"
+        assert (await call(a, "x += 1\nx", session=handle))["value"] == "3"
+        assert driver.ask("where", handle) == driver.node_ids()[1]  # placed by memory: the roomier worker
+
+        with anyio.move_on_after(2):
+            await call(b, "while True: pass", session=handle, timeout_s=60)
+        with anyio.fail_after(20):  # had the loop not been stopped in the actor, this waits 60 s
+            after = await call(a, "x", session=handle)
+        assert after["value"] == "3"
+
+
+async def test_the_actor_refuses_another_principal(front_ends: list[str], driver: Driver) -> None:
+    async with Client(front_ends[0], timeout=120) as a:
+        handle = (await call(a, "secret = 42"))["session"]
+    assert "no open session" in driver.ask("call_as", handle, "mallory", "secret")["error"]
+    async with Client(front_ends[1], timeout=120) as b:
+        assert (await call(b, "secret", session=handle))["value"] == "42"
+
+
+async def test_a_stdio_front_end_keeps_its_connection_s_session(cluster: RayCluster) -> None:
+    transport = StdioTransport(ubertool_command(), ["serve", "--policy", str(cluster.policy), "--cluster",
+                                                    cluster.address, "--warm-pool", "1"], env=cluster.env)
+    async with Client(transport, timeout=120) as client:
+        first = await call(client, "y = 'stdio'")
+        second = await call(client, "y")  # no `session`: the connection's own
+    assert second["value"] == "'stdio'" and second["session"] == first["session"]
+
+
+async def test_a_session_on_a_lost_node_resumes_on_the_other_by_replay(
+        cluster: RayCluster, front_ends: list[str], driver: Driver) -> None:
+    head, worker = driver.node_ids()
+    driver.wait_for_warm_pool(2)
+    ticks: list[float] = []
+
+    async def progress(value: float, total: float | None, message: str | None) -> None:
+        ticks.append(value)
+
+    async with Client(front_ends[0], timeout=120) as a, \
+            Client(front_ends[1], timeout=120, progress_handler=progress) as b:
+        first = await call(a, "data = [1, 2]\nopen('/workspace/notes.txt', 'w').write('kept')")
+        handle = first["session"]
+        await call(b, "data.append(3)", session=handle)
+        assert driver.ask("where", handle) == worker
+
+        async def kill_mid_cell() -> None:
+            while not ticks:  # the cell runs on the worker: its progress reached the client
+                await anyio.sleep(0.1)
+            cluster.kill_worker()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill_mid_cell)
+            with anyio.fail_after(60):
+                lost = await call(b, "import time\ndata.append('never')\ntime.sleep(30)", session=handle)
+        assert lost["status"] == "cancelled" and "[restored]" in lost["message"], lost
+        assert lost["node"] == head and lost["restored"]["ok"] and lost["restored"]["cells"] == 2
+
+        again = await call(a, "data.append(4)\n(data, open('/workspace/notes.txt').read())", session=handle)
+        assert again["value"] == "([1, 2, 3, 4], 'kept')", again
+        assert driver.ask("where", handle) == head
+
+    with Journal(cluster.home / "journal.sqlite") as journal:  # the restored run holds every cell
+        run = journal.find_run(handle)
+        assert run is not None and [c.code.splitlines()[0] for c in journal.cells(run.id)] == [
+            "data = [1, 2]", "data.append(3)", "data.append(4)"]
