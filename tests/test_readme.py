@@ -80,7 +80,9 @@ REPLAY = ("", "ubertool replay playbooks/NAME.py [--policy F] [--workspace DIR] 
 COMMANDS = ("", 'ubertool run -c "import numpy as np; print(np.arange(6).reshape(2, 3).sum(axis=0))"')
 LAYOUT = ("", "ubertool/sandbox/    the WebAssembly jail: SandboxSession, limits, results, restore; "
               "guestlib/ runs in the guest")
-RUN = {PROGRAMS, BROWSER, UPSTREAM_MCP, CLIENT_CONFIGS, MAKE_SERVE, MAKE_TEST, REPLAY, COMMANDS, LAYOUT}
+CLUSTER = ("", "# one token for the whole cluster: on every node and front end (Ray's token authentication)")
+RUN = {PROGRAMS, BROWSER, UPSTREAM_MCP, CLIENT_CONFIGS, MAKE_SERVE, MAKE_TEST, REPLAY, COMMANDS, LAYOUT,
+       CLUSTER}
 
 SKIPPED: dict[tuple[str, str], str] = {}  # key -> why no runner can run it (none today)
 
@@ -265,3 +267,32 @@ def test_the_layout_names_folders_that_exist() -> None:
     assert len(folders) >= 5
     for folder in folders:
         assert (ROOT / folder).is_dir(), folder
+
+
+# -- the cluster recipe: its machines are placeholders (HEAD, T, P), so each command is checked
+# against its program's own options (click's, hidden ones too: Ray hides `start --memory`);
+# tests/test_cluster.py runs a real two-node cluster this way.
+
+_OPTIONS = """import sys, click, importlib
+group = getattr(importlib.import_module(sys.argv[1]), sys.argv[2])
+command = group.commands[sys.argv[3]]
+print("\\n".join(o for p in command.params for o in p.opts))"""
+
+
+def test_the_cluster_recipe_names_real_commands_and_options() -> None:
+    lines = [line.split("#")[0].strip() for line in block(*CLUSTER).text.splitlines()]
+    checked = 0
+    for line in filter(None, lines):
+        words = shlex.split(line)
+        if words[0] == "export":
+            assert words[1:] == ["RAY_AUTH_MODE=token"], line
+            assert 'os.environ["RAY_AUTH_MODE"] = "token"' in (ROOT / "tests" / "test_cluster.py").read_text()
+            continue
+        where = {"ray": ("ray.scripts.scripts", "cli"),
+                 "ubertool": ("ubertool.runtime.cli", "main")}[words[0]]
+        listed = subprocess.run([sys.executable, "-c", _OPTIONS, *where, words[1]], capture_output=True,
+                                text=True, timeout=120, env=cli_env(), check=True).stdout.split()
+        for option in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
+            assert option in listed, f"{line}: {words[0]} {words[1]} has no option {option}"
+        checked += 1
+    assert checked == 4
