@@ -45,7 +45,7 @@ from mcp.types import TextContent
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
-from ubertool.runtime.journal import Journal
+from ubertool.runtime.journal import Journal, journal_store
 from ubertool.runtime.manager import CallScopes, answer
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.runs import open_run
@@ -120,7 +120,9 @@ class SessionHost:
             SandboxStartError: the sandbox could not be set up.
         """
         self._stack.enter_context(telemetry(self.policy))  # this process's spans and metrics, when on
-        journal = self._stack.enter_context(Journal.default(self.policy.journal))
+        # Not `Journal.default`: that prunes, and a front end's start already does; an actor
+        # (one per session, warm ones included) would prune at every start.
+        journal = self._stack.enter_context(Journal(journal_store(self.policy.journal)))
         run = await self._stack.enter_async_context(
             open_run(self.policy, journal=journal, kind="mcp", principal=owner))
         run.name_session(self.handle)
