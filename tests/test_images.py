@@ -53,6 +53,24 @@ async def test_state_survives_a_hard_stop_exactly(
     assert str((await session.run("import json\njson.dumps(random.random() != r)")).value) == "'true'"
 
 
+async def test_a_session_takes_each_image_into_its_last_one_and_restores_the_newest(
+    session: SandboxSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One buffer per session: an image copied over the last one (5x cheaper than new memory),
+    never a stale mix of the two."""
+    await _image_now(session, monkeypatch)
+    await session.run("import random\nvalues = [random.random()]")
+    first = session._base.image
+    assert first is not None
+    for _ in range(3):
+        await session.run("values.append(random.random())")
+    assert session._base.image is not None and session._base.image.memory is first.memory
+    expected = str((await session.run("repr(values)")).value)
+    result = await session.run(SLEEP, timeout_s=1.0)
+    assert result.restored is not None and result.restored.ok and result.restored.cells == 0
+    assert str((await session.run("repr(values)")).value) == expected
+
+
 async def test_cells_after_the_image_are_replayed(
     session: SandboxSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

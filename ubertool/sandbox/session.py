@@ -128,6 +128,7 @@ class SandboxSession:
         self._next = 1
         self._cancel: threading.Event | None = None
         self._start = self._base = _Base(None, 0, {})
+        self._owned: bytearray | None = None  # the buffer of an image this session took itself
         self._images = self._soft = False
         # Held while host code reads the interpreter's store between turns (an image), and
         # while `aclose` closes it: a store closed under a reader would be freed memory.
@@ -482,7 +483,11 @@ class SandboxSession:
                 state = base.image.state if base.image is not None else ((), ())
                 if engine.files_now(interp) == state:
                     return
-            image = engine.take_image(interp)
+            # The base's memory is reused when it is this session's own (a template's is shared,
+            # a saved image's is read-only): the old base is replaced by this one anyway.
+            own = base.image is not None and base.image.memory is self._owned
+            image = engine.take_image(interp, into=self._owned if own else None)
+            self._owned = image.memory if isinstance(image.memory, bytearray) else None
         except Exception:  # the private layer failed: keep the last base, restores replay more
             log.exception("a session image could not be taken")
             return
