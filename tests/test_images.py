@@ -71,6 +71,24 @@ async def test_a_session_takes_each_image_into_its_last_one_and_restores_the_new
     assert str((await session.run("repr(values)")).value) == expected
 
 
+async def test_a_resting_session_holds_its_image_compressed_and_restores_it_exactly(
+    session: SandboxSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _image_now(session, monkeypatch)
+    await session.run("import random\nvalues = [random.random() for _ in range(5)]")
+    expected = str((await session.run("repr(values)")).value)
+    held = session.host_bytes
+    freed = await session.rest()
+    assert freed > 10 * 2**20 and session.host_bytes == held - freed
+    assert await session.rest() == 0  # once
+    saved = await session.save()  # reads the image whole
+    assert saved.image is not None and len(saved.image) > freed
+    await session.rest()
+    result = await session.run(SLEEP, timeout_s=1.0)
+    assert result.restored is not None and result.restored.ok and result.restored.cells == 0
+    assert str((await session.run("repr(values)")).value) == expected
+
+
 async def test_cells_after_the_image_are_replayed(
     session: SandboxSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

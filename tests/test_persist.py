@@ -300,3 +300,22 @@ def test_saved_sessions_sit_in_a_shared_journal_and_are_checked_there(journal_ba
             assert "MAC does not match" in store.image(record)[1]
         store.delete(record.handle)
         assert store.handles() == [] and store.record(record.handle) is None
+
+
+async def test_an_idle_session_holds_its_image_compressed(_isolated_home: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once it has rested `persist_idle_s`, a session's image counts compressed in the budget."""
+    monkeypatch.setattr(session_module, "IMAGE_AFTER_S", -1.0)  # an image after every cell
+    policy = default_policy()
+    sessions = policy.sessions.model_copy(update={"pool": 0, "persist": False, "persist_idle_s": 0.5})
+    policy = policy.model_copy(update={"sessions": sessions})
+    with Journal(default_journal_path()) as journal:
+        async with SessionManager(policy, journal=journal).running() as manager:
+            async with manager.use(None, None, "alice") as (handle, run):
+                await run.cell("import random\nr = random.random()")
+            working = manager.host_bytes()
+            with anyio.fail_after(60):
+                while manager.host_bytes() > working - 10 * 2**20:
+                    await anyio.sleep(0.1)
+            async with manager.use(handle, None, "alice") as (_, again):
+                assert (await again.cell("r")).status is Status.OK

@@ -101,7 +101,8 @@ class Sessions(_Section):
     """How a session starts. `template`: modules a new session finds already imported (e.g.
     ["numpy", "pandas", "matplotlib.pyplot"]): the first session imports them once into an
     image kept for the process, later ones start from a reseeded copy. Without session images
-    (their self-test failed) it has no effect. `persist`, `persist_idle_s`: saved sessions;
+    (their self-test failed) it has no effect. `persist`, `persist_idle_s`: saved sessions (an
+    idle session's in-memory image is also compressed after `persist_idle_s`, persist or not);
     `pool`: sessions opened ahead of need (a server's)."""
 
     template: Annotated[tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*$")], ...],

