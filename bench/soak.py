@@ -86,7 +86,10 @@ async def session(url: str, until: float, tally: Tally, rng: random.Random) -> N
 
 def start_server(home: Path, sessions: int) -> tuple[subprocess.Popen[bytes], str]:
     policy = home / "soak-policy.toml"
-    policy.write_text(f"[limits]\nmax_sessions = {sessions + 4}\nmemory_mib = 256\n")
+    # One principal (no auth) holds every session: its cap must allow them all, or the soak
+    # measures evictions.
+    policy.write_text(f"[limits]\nmax_sessions = {sessions + 4}\nmemory_mib = 256\n\n"
+                      f"[server]\nmax_sessions_per_principal = {sessions + 4}\n")
     return start_http_server(UBERTOOL, {**os.environ, "UBERTOOL_HOME": str(home)}, ["--policy", str(policy)])
 
 
