@@ -30,6 +30,13 @@ async def _image_now(session: SandboxSession, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(session_module, "IMAGE_AFTER_S", -1.0)
 
 
+async def _stopped_and_back_from_the_image(session: SandboxSession, probe: str, expected: str) -> None:
+    """A hard stop, then the session exactly as the image holds it: nothing replayed."""
+    result = await session.run(SLEEP, timeout_s=1.0)
+    assert result.restored is not None and result.restored.ok and result.restored.cells == 0
+    assert str((await session.run(probe)).value) == expected
+
+
 async def test_state_survives_a_hard_stop_exactly(
     session: SandboxSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,9 +73,7 @@ async def test_a_session_takes_each_image_into_its_last_one_and_restores_the_new
         await session.run("values.append(random.random())")
     assert session._base.image is not None and session._base.image.memory is first.memory
     expected = str((await session.run("repr(values)")).value)
-    result = await session.run(SLEEP, timeout_s=1.0)
-    assert result.restored is not None and result.restored.ok and result.restored.cells == 0
-    assert str((await session.run("repr(values)")).value) == expected
+    await _stopped_and_back_from_the_image(session, "repr(values)", expected)
 
 
 async def test_a_resting_session_holds_its_image_compressed_and_restores_it_exactly(
@@ -84,9 +89,7 @@ async def test_a_resting_session_holds_its_image_compressed_and_restores_it_exac
     saved = await session.save()  # reads the image whole
     assert saved.image is not None and len(saved.image) > freed
     await session.rest()
-    result = await session.run(SLEEP, timeout_s=1.0)
-    assert result.restored is not None and result.restored.ok and result.restored.cells == 0
-    assert str((await session.run("repr(values)")).value) == expected
+    await _stopped_and_back_from_the_image(session, "repr(values)", expected)
 
 
 async def test_cells_after_the_image_are_replayed(

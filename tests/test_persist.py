@@ -69,12 +69,17 @@ async def _saved_and_resumed(config: SandboxConfig, setup: str) -> tuple[Sandbox
                                                 saved.clock_ns)), saved.why
 
 
-async def test_a_saved_session_resumes_exactly_in_a_new_session(
-    make_config: Callable[..., SandboxConfig], tmp_path: Path
-) -> None:
+@pytest.fixture
+def rooted(make_config: Callable[..., SandboxConfig], tmp_path: Path) -> SandboxConfig:
+    """A configuration with a private root of its own, as a saved session needs (it outlives the
+    session that made it)."""
     root = tmp_path / "root"
     root.mkdir(mode=0o700)
-    config = replace(make_config(), root=root)
+    return replace(make_config(), root=root)
+
+
+async def test_a_saved_session_resumes_exactly_in_a_new_session(rooted: SandboxConfig) -> None:
+    config = rooted
     setup = ("import random, time\nr = random.random()\nt0 = time.monotonic()\n"
              "f = open('/tmp/held', 'w+'); f.write('abc'); f.flush()")
     resumed, why = await _saved_and_resumed(config, setup)
@@ -86,12 +91,8 @@ async def test_a_saved_session_resumes_exactly_in_a_new_session(
         assert any("resumed after a server restart from its saved image" in n for n in result.notes)
 
 
-async def test_a_refused_image_falls_back_to_replay(
-    make_config: Callable[..., SandboxConfig], tmp_path: Path
-) -> None:
-    root = tmp_path / "root"
-    root.mkdir(mode=0o700)
-    config = replace(make_config(), root=root)
+async def test_a_refused_image_falls_back_to_replay(rooted: SandboxConfig) -> None:
+    config = rooted
     resumed, _ = await _saved_and_resumed(config, "x = 41")
     other = replace(config, about="another configuration")  # its fingerprint differs
     resumed.config = other
