@@ -1,7 +1,8 @@
 """Sessions on a Ray cluster: a two-node cluster on loopback (`ray start --head` and a second
 `ray start --address`), two `ubertool serve --cluster` front ends over HTTP serving one session
 alternately through fastmcp's Client, a cell cancelled through the cluster, the worker node
-killed mid-session and the session resumed on the head node by replay."""
+killed mid-session and its sessions resumed on the head node: one from its saved image and
+folders, one by replay (its saved folders tampered with)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ pytest.importorskip("ray")  # never initialised in this process: see ray_driver.
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 MIB = 2**20
-POLICY = "[limits]\nmemory_mib = 64\ntimeout_s = 30\n"
+# Sessions are saved once they rest a second (the default is 30 s): what a lost node's restore uses.
+POLICY = "[limits]\nmemory_mib = 64\ntimeout_s = 30\n[sessions]\npersist_idle_s = 1\n"
 # The head has less memory than the worker, so placement by memory puts the first session on
 # the worker, the node the test kills; the head keeps room for the restored one.
 HEAD_MEMORY, WORKER_MEMORY = 1536 * MIB, 4096 * MIB
@@ -194,7 +196,17 @@ async def test_a_stdio_front_end_keeps_its_connection_s_session(cluster: RayClus
     assert second["value"] == "'stdio'" and second["session"] == first["session"]
 
 
-async def test_a_session_on_a_lost_node_resumes_on_the_other_by_replay(
+def saved_folders(cluster: RayCluster, handle: str) -> Path:
+    """The saved folders of session `handle`, once its actor has saved them (30 s at most)."""
+    path = cluster.home / "sessions" / f"{handle}.files"
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline, f"session {handle} was not saved"
+        time.sleep(0.2)
+    return path
+
+
+async def test_a_lost_node_s_sessions_resume_on_the_other_from_their_images_or_by_replay(
         cluster: RayCluster, front_ends: list[str], driver: Driver) -> None:
     head, worker = driver.node_ids()
     driver.wait_for_warm_pool(2)
@@ -205,10 +217,19 @@ async def test_a_session_on_a_lost_node_resumes_on_the_other_by_replay(
 
     async with Client(front_ends[0], timeout=120) as a, \
             Client(front_ends[1], timeout=120, progress_handler=progress) as b:
-        first = await call(a, "data = [1, 2]\nopen('/workspace/notes.txt', 'w').write('kept')")
-        handle = first["session"]
-        await call(b, "data.append(3)", session=handle)
-        assert driver.ask("where", handle) == worker
+        setup = ("import random\ndata = [1, 2]\nopen('/workspace/notes.txt', 'w').write('k')\n"
+                 "f = open('/tmp/held', 'w+'); f.write('abc'); f.flush()\nr = random.random()\nr")
+        first = await call(a, setup)
+        handle, r = first["session"], first["value"]
+        driver.wait_for_warm_pool(2)  # the worker's taken again: the next session goes there too
+        other = await call(b, "import random\nopen('/workspace/b.txt', 'w').write('b')\nq = random.random()")
+        assert driver.ask("where", handle) == driver.ask("where", other["session"]) == worker
+        saved_folders(cluster, handle)
+        tampered = saved_folders(cluster, other["session"])
+        sealed = bytearray(tampered.read_bytes())
+        sealed[len(sealed) // 2] ^= 1
+        tampered.write_bytes(bytes(sealed))
+        await call(b, "data.append(3)", session=handle)  # after its save: replayed from the journal
 
         async def kill_mid_cell() -> None:
             while not ticks:  # the cell runs on the worker: its progress reached the client
@@ -220,13 +241,23 @@ async def test_a_session_on_a_lost_node_resumes_on_the_other_by_replay(
             with anyio.fail_after(60):
                 lost = await call(b, "import time\ndata.append('never')\ntime.sleep(30)", session=handle)
         assert lost["status"] == "cancelled" and "[restored]" in lost["message"], lost
-        assert lost["node"] == head and lost["restored"]["ok"] and lost["restored"]["cells"] == 2
+        report = lost["restored"]
+        assert lost["node"] == head and report["ok"] and report["image"], lost
+        assert report["through"] + report["cells"] == 2, report  # the cells after its save replayed
+        assert "from its image saved after cell" in lost["message"]
 
-        again = await call(a, "data.append(4)\n(data, open('/workspace/notes.txt').read())", session=handle)
-        assert again["value"] == "([1, 2, 3, 4], 'kept')", again
+        again = await call(a, "data.append(4)\n(data, open('/workspace/notes.txt').read(), r, f.tell())",
+                           session=handle)
+        assert again["value"] == f"([1, 2, 3, 4], 'k', {r}, 3)", again  # r: the image's, not a replay's
         assert driver.ask("where", handle) == head
+
+        replayed = await call(b, "q", session=other["session"])
+        assert "[restored]" in replayed["message"] and not replayed["restored"]["image"], replayed
+        assert "the saved files was refused: its MAC does not match" in replayed["message"]
+        after = await call(b, "q, open('/workspace/b.txt').read()", session=other["session"])
+        assert after["value"].endswith(", 'b')"), after  # its file written again by the replay
 
     with Journal(cluster.home / "journal.sqlite") as journal:  # the restored run holds every cell
         run = journal.find_run(handle)
         assert run is not None and [c.code.splitlines()[0] for c in journal.cells(run.id)] == [
-            "data = [1, 2]", "data.append(3)", "data.append(4)"]
+            "import random", "data.append(3)", "data.append(4)"]

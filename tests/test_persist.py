@@ -91,6 +91,43 @@ async def test_a_saved_session_resumes_exactly_in_a_new_session(rooted: SandboxC
         assert any("resumed after a server restart from its saved image" in n for n in result.notes)
 
 
+def _private(path: Path) -> Path:
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.mark.parametrize("carried", [True, False])
+async def test_a_session_moved_to_another_host_takes_its_folders(
+        rooted: SandboxConfig, tmp_path: Path, carried: bool) -> None:
+    setup = ("import random\nr = random.random()\nf = open('/tmp/held', 'w+'); f.write('abc'); f.flush()\n"
+             "open('/workspace/log.txt', 'w').write('one\\n')")
+    async with SandboxSession(rooted) as first:
+        await first.run(setup)
+        saved = await first.save(carry=True)
+        r = (await first.run("r")).value
+        await first.run("open('/workspace/log.txt', 'a').write('two\\n')")  # after the save
+        history = tuple(PastCell(c.number, c.code, c.echo, c.status, c.exchanges, c.duration_s)
+                        for c in first._history)
+    assert saved.files is not None and saved.why == ""
+    # Another host: other (empty) folders; the image carries its folders, or is without them.
+    there = replace(rooted, workspace=_private(tmp_path / "elsewhere"), root=_private(tmp_path / "root2"))
+    resume = Resume(history, saved.image, saved.through, saved.next_cell, saved.clock_ns,
+                    files=saved.files if carried else None, moved="the loss of its node")
+    async with SandboxSession(there, resume=resume) as session:
+        result = await session.run("f.write('d'); f.seek(0); f.read(), r, open('/workspace/log.txt').read()")
+        held, r_there, log = eval(str(result.value))
+        assert (held, log) == ("abcd", "one\ntwo\n")  # each write once: none lost, none twice
+        assert session.resumption is not None and session.resumption.from_image is carried
+        if carried:
+            assert r_there == float(str(r))  # the image's state, not a replay's
+            assert any("after the loss of its node from its saved image and 2 later cells replayed" in n
+                       for n in result.notes), result.notes
+        else:
+            assert r_there != float(str(r))
+            assert any("by replaying its 3 cells (its saved image was not used: it was saved without "
+                       "its folders)" in n for n in result.notes), result.notes
+
+
 async def test_a_refused_image_falls_back_to_replay(rooted: SandboxConfig) -> None:
     config = rooted
     resumed, _ = await _saved_and_resumed(config, "x = 41")
@@ -105,9 +142,14 @@ async def test_a_refused_image_falls_back_to_replay(rooted: SandboxConfig) -> No
 # ---- A real server, stopped and started again, under real MCP clients ---------------------------
 
 def _flip_a_byte(path: Path, at: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0x01
-    path.write_bytes(bytes(data))
+    _flip_a_byte_in(path, path.read_bytes(), at)
+
+
+def _flip_a_byte_in(path: Path, data: bytes, at: int) -> None:
+    """Write `data` to `path` with its byte `at` changed."""
+    changed = bytearray(data)
+    changed[at] ^= 0x01
+    path.write_bytes(bytes(changed))
 
 
 async def test_a_session_outlives_a_server_restart(_isolated_home: Path, tmp_path: Path) -> None:
@@ -209,9 +251,19 @@ def test_the_store_refuses_what_was_changed(tmp_path: Path) -> None:
     (tmp_path / "sessions").mkdir(mode=0o700)
     store = _store(tmp_path)
     record = _record()
-    store.save(record, b"memory" * 1000)
+    store.save(record, b"memory" * 1000, b"folders" * 100)
     assert store.record(record.handle) == record
     assert store.image(record) == (b"memory" * 1000, "")
+    assert store.image(record, b"files") == (b"folders" * 100, "")
+    # Folders sealed as an image (or the other way round) are not taken for one.
+    files = tmp_path / "sessions" / f"{record.handle}.files"
+    sealed_files = files.read_bytes()
+    files.write_bytes((tmp_path / "sessions" / f"{record.handle}.image").read_bytes())
+    assert store.image(record, b"files")[0] is None
+    _flip_a_byte_in(files, sealed_files, len(sealed_files) // 2)
+    assert "MAC does not match" in store.image(record, b"files")[1]
+    store.save(record, b"memory" * 1000)  # saved without folders: older ones are not kept
+    assert not files.exists()
     image = tmp_path / "sessions" / f"{record.handle}.image"
     whole = image.read_bytes()
 

@@ -19,10 +19,14 @@ What lives where:
   actor exports (the policy's telemetry, per process) continue the MCP call's trace.
 
 Node loss: a call that finds the actor dead asks the directory to restore the session on
-another node: a new actor of the same name replays the session's completed cells from the
-journal (answered from their recorded exchanges: nothing outside happens twice) and the call
-is answered with what happened. The journal must be reachable from every node (one shared
-SQLite file on one machine's nodes; PostgreSQL across machines).
+another node. With `[sessions] persist`, each actor saves its session when it rests (image,
+workspace and private root, sealed: `persist`) in the store beside the journal; a new actor
+of the same name resumes from the latest save and replays only the cells after it. Without a
+save of the session's current run, it replays every completed cell from the journal. Replayed
+cells are answered from their recorded exchanges (nothing outside happens twice), and the call
+is answered with what happened. The journal and the store must be reachable from every node
+(one machine's nodes share its state folder; across machines, PostgreSQL, and the same
+`sessions.key` on every node).
 
 Ray is imported only here, and only when a cluster is used.
 """
@@ -45,14 +49,18 @@ from mcp.types import TextContent
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
+from ubertool.runtime.home import state_folder
 from ubertool.runtime.journal import Journal, journal_store
 from ubertool.runtime.manager import CallScopes, answer
+from ubertool.runtime.persist import NotYours, Record, SessionStore, load_session, save_session
 from ubertool.runtime.policy import Policy
-from ubertool.runtime.runs import open_run
-from ubertool.runtime.sessions import STOPPING, SessionError, _Live, expired
+from ubertool.runtime.runs import Resumed, open_run
+from ubertool.runtime.sessions import STOPPING, SessionError, _Live, expired, rest_due, save_due
+from ubertool.runtime.stores import JournalError
 from ubertool.runtime.telemetry import telemetry
-from ubertool.sandbox import Status
+from ubertool.sandbox import SessionClosed, Status
 from ubertool.sandbox.result import COMPLETED
+from ubertool.tools.files import remove_tree
 
 NAMESPACE = "ubertool"
 DIRECTORY = "ubertool-directory"
@@ -61,6 +69,7 @@ DIRECTORY = "ubertool-directory"
 # (111 MiB PSS) for a session with a small state.
 ACTOR_OVERHEAD_BYTES = 256 * 2**20
 CANCEL_WAIT_S = 30.0  # how long a cancelled call waits for the actor to stop the cell and restore
+LOST = "the loss of its node"  # what a session restored on another node was resumed after
 RENAME_WAIT_S = 60.0  # how long a restore waits for Ray to free a lost actor's name
 REFILL_EVERY_S = 1.0
 START_WAIT_S = 120.0  # a session actor not started by then (no node with room, after all) is ended
@@ -110,11 +119,14 @@ class SessionHost:
         self._live: _Live | None = None
         self._stack = AsyncExitStack()
         self._reaper: asyncio.Task[None] | None = None
+        self._store: SessionStore | None = None  # with `[sessions] persist`: where it is saved
 
     async def start(self, resume: str | None = None, owner: str | None = None) -> dict[str, Any]:
-        """Open the run (its interpreter started: a warm session); with `resume` (an earlier
-        run's id) rebuild that run's state from the journal first. Returns the run id, the
-        node and the restore report (None without `resume`).
+        """Open the run (its interpreter started: a warm session); with `resume` (the run of a
+        session lost with its node) bring that run's state back: from the session's latest
+        saved image and folders when the policy saves sessions (`[sessions] persist`) and one
+        of that run is in the store, else by replaying its cells from the journal. Returns the
+        run id, the node and the restore report (None without `resume`).
 
         Raises:
             SandboxStartError: the sandbox could not be set up.
@@ -123,15 +135,51 @@ class SessionHost:
         # Not `Journal.default`: that prunes, and a front end's start already does; an actor
         # (one per session, warm ones included) would prune at every start.
         journal = self._stack.enter_context(Journal(journal_store(self.policy.journal)))
+        if self.policy.sessions.persist:
+            self._store = SessionStore.default(journal)
+        saved = await self._saved(resume, owner, journal) if resume and owner else None
         run = await self._stack.enter_async_context(
-            open_run(self.policy, journal=journal, kind="mcp", principal=owner))
+            open_run(self.policy, journal=journal, kind="mcp", principal=owner, resume=saved and saved[1]))
         run.name_session(self.handle)
         self._live = _Live(self.handle, owner or "", run, self._stack)
-        restored = await self._resume(resume, journal) if resume else None
+        if saved is not None:
+            restored = self._resumed(saved[0])
+        else:
+            restored = await self._resume(resume, journal) if resume else None
         if owner:
             run.audit.event("session_open", session=self.handle, principal=owner, resumed_run=resume)
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
         return {"run": run.id, "node": _node_id(), "restored": restored}
+
+    async def _saved(self, run_id: str, owner: str, journal: Journal) -> tuple[Record, Resumed] | None:
+        """What resumes run `run_id` of this session on this node from the store: None when the
+        policy saves no session or the store holds none of that run (the session was lost
+        before its first save, or its save is of an earlier run). The run's folders on this
+        node are emptied for the saved ones."""
+        if self._store is None:
+            return None
+        with contextlib.suppress(NotYours):  # the directory checked the owner; the store agrees or not
+            loaded = await load_session(self._store, journal, self.handle, owner, moved=LOST)
+            if loaded is not None and loaded[0].run_id == run_id:
+                for name in ("root", "workspace"):  # on one machine's nodes, the lost actor's own
+                    await anyio.to_thread.run_sync(remove_tree, state_folder("runs", run_id, name))
+                return loaded
+        return None
+
+    def _resumed(self, record: Record) -> dict[str, Any]:
+        """The restore report of a session resumed from the store (see `_resume`)."""
+        assert self._live is not None
+        live, run = self._live, self._live.run
+        live.opened -= record.age_s  # its lifetime counts from when it was first opened
+        live.calls = live.saved_calls = len(run.record.cells) + 1
+        resumed = run.session.resumption
+        assert resumed is not None
+        report = resumed.report
+        facts = {"cells": report.cells, "seconds": round(report.seconds, 6), "ok": report.ok,
+                 "failed_at": report.failed_at, "reason": report.reason, "from_run": run.id,
+                 "image": resumed.from_image, "through": record.through, "image_note": resumed.note}
+        run.audit.event("session_restored", session=self.handle, **facts)
+        return facts
 
     async def _resume(self, run_id: str, journal: Journal) -> dict[str, Any]:
         """Replay the completed cells of run `run_id` (the lost node's) in this session, and
@@ -147,7 +195,7 @@ class SessionHost:
             run.record.cells.append(cell)
             await anyio.to_thread.run_sync(journal.add_cell, run.id, cell)
         facts = {"cells": report.cells, "seconds": round(report.seconds, 6), "ok": report.ok,
-                 "failed_at": report.failed_at, "reason": report.reason, "from_run": run_id}
+                 "failed_at": report.failed_at, "reason": report.reason, "from_run": run_id, "image": False}
         run.audit.event("session_restored", session=self.handle, **facts)
         return facts
 
@@ -201,27 +249,50 @@ class SessionHost:
 
     async def _reap(self) -> None:
         """Close this session when it expires (as in-process: `sessions.expired`), then ask the
-        directory to end the actor."""
+        directory to end the actor; save it, with its folders, when it rests (with `[sessions]
+        persist`: what a restore on another node starts from), and compress its image."""
         policy = self.policy
-        every = min(5.0, policy.limits.session_idle_s / 2, policy.server.unused_session_idle_s / 2)
+        every = min(5.0, policy.limits.session_idle_s / 2, policy.server.unused_session_idle_s / 2,
+                    policy.sessions.persist_idle_s / 2)
         while True:
             await asyncio.sleep(every)
-            live = self._live
+            live, now = self._live, time.monotonic()
             if live is None or not live.principal:
                 continue  # a warm session: its clock starts when it is claimed
-            if reason := expired(policy, live, time.monotonic()):
+            if reason := expired(policy, live, now):
                 await self.close(reason)
                 import ray
                 directory = ray.get_actor(DIRECTORY, namespace=self.namespace)
                 await directory.closed.remote(self.handle)
                 return
+            if self._store is not None and save_due(policy, live, now):
+                await self._save(live)
+            if rest_due(policy, live, now):
+                await live.run.session.rest()
+                live.rested_calls = live.calls
+
+    async def _save(self, live: _Live) -> None:
+        """Save the session and its folders to the store; a failure is audited (a restore then
+        replays, as without the store)."""
+        assert self._store is not None
+        try:
+            await save_session(self._store, self.handle, live.principal, live.run,
+                               time.monotonic() - live.opened, carry=True)
+        except (OSError, SessionClosed, JournalError) as exc:
+            live.run.audit.event("session_save_failed", session=self.handle, error=str(exc))
+            return
+        live.saved_calls = live.calls
 
     async def close(self, reason: str) -> None:
-        """Close the run (credentials revoked, workspace removed, run ended in the journal)."""
+        """Close the run (credentials revoked, workspace removed, run ended in the journal) and
+        forget its saved state."""
         live, self._live = self._live, None
         if live is not None:
             live.run.audit.event("session_close", session=self.handle, reason=reason)
             await self._stack.aclose()
+            if self._store is not None:
+                with contextlib.suppress(OSError, JournalError):
+                    await anyio.to_thread.run_sync(self._store.delete, self.handle)
 
 
 class Directory:
@@ -572,9 +643,15 @@ class RaySessions(CallScopes):
         report = info.get("report")
         if report is None:
             how = "another front end restored it already"
-        elif report["ok"]:
-            how = (f"its {report['cells']} finished cells were replayed from the journal in "
+        elif report["ok"] and report.get("image"):
+            later = f" and its {report['cells']} later cells replayed" if report["cells"] else ""
+            how = (f"it was resumed from its image saved after cell {report['through']}{later} in "
                    f"{report['seconds']:.2f} s")
+        elif report["ok"]:
+            note = report.get("image_note")
+            unused = f" (its saved image was not used: {note})" if note else ""
+            how = (f"its {report['cells']} finished cells were replayed from the journal in "
+                   f"{report['seconds']:.2f} s{unused}")
         else:
             how = (f"replaying its cells from the journal stopped at cell {report['failed_at']} "
                    f"({report['reason']}): the state is as of the cells before it")

@@ -8,6 +8,9 @@ PostgreSQL database, so that any front end of a cluster finds them.
 - `<handle>.image`: the session image (`ubertool.sandbox.imagefile` bytes) compressed with
   zstd, after a header repeating the record's handle, run, owner and position; the HMAC
   covers header and body. Absent when the session had no image to give (it resumes by replay).
+- `<handle>.files`: only for a session that may resume on another host (a cluster's): its
+  workspace and private root as they were with the image (`ubertool.sandbox.carry`), sealed
+  the same way.
 
 The key is `<state>/sessions.key`: 32 random bytes, made once, 0600, never printed or logged,
 and never stored beside the blobs (whoever can write the database still cannot forge one);
@@ -50,7 +53,7 @@ log = logging.getLogger("ubertool.runtime")
 HANDLE = re.compile(r"^s-[A-Za-z0-9_-]{16}$")  # what `SessionManager` mints: nothing else is a path
 _KEY_BYTES = 32
 _MAC_BYTES = 32
-_IMAGE_MAGIC = b"ubertool-saved-image-1\n"
+_MAGIC = {b"image": b"ubertool-saved-image-1\n", b"files": b"ubertool-saved-files-1\n"}
 _LEVEL = 1  # zstd: 7x on a fresh interpreter's memory in ~35 ms (session-images note)
 _MAX_HEADER = 2**16
 
@@ -153,17 +156,18 @@ class SessionStore:
             raise RecordRefused(f"{handle!r} is not a session handle")
         return f"{handle}{suffix}"
 
-    def save(self, record: Record, image: bytes | None) -> None:
-        """Write `record` and `image` (None: delete an older image), each atomically, 0600.
-        Blocks (compression: tens of milliseconds per 40 MiB)."""
-        image_name = self._name(record.handle, ".image")
-        if image is None:
-            self.shelf.delete(image_name)
-        else:
+    def save(self, record: Record, image: bytes | None, files: bytes | None = None) -> None:
+        """Write `record`, `image` and `files` (its folders, `carry.pack`), each atomically, 0600;
+        a None blob deletes an older one. Blocks (compression: tens of milliseconds per 40 MiB)."""
+        for kind, blob in ((b"image", image), (b"files", files)):
+            name = self._name(record.handle, "." + kind.decode())
+            if blob is None:
+                self.shelf.delete(name)
+                continue
             header = json.dumps(_binding(record), sort_keys=True).encode()
-            body = zstandard.ZstdCompressor(level=_LEVEL).compress(image)
-            signed = b"".join((_IMAGE_MAGIC, struct.pack(">I", len(header)), header, body))
-            self.shelf.put(image_name, signed + self._mac(b"image", signed))
+            body = zstandard.ZstdCompressor(level=_LEVEL).compress(blob)
+            signed = b"".join((_MAGIC[kind], struct.pack(">I", len(header)), header, body))
+            self.shelf.put(name, signed + self._mac(kind, signed))
         text = json.dumps(asdict(record), sort_keys=True)
         mac = self._mac(b"record", text.encode()).hex()
         self.shelf.put(self._name(record.handle, ".json"), json.dumps({"record": text, "mac": mac}).encode())
@@ -193,26 +197,27 @@ class SessionStore:
             log.warning("the saved record of session %s was refused: malformed", handle)
             raise RecordRefused(f"it is malformed ({type(exc).__name__})") from None
 
-    def image(self, record: Record) -> tuple[bytes | None, str]:
-        """The image saved with `record` and '', or None and why there is none to use (a
-        refusal is also logged). Blocks (decompression)."""
-        signed = self.shelf.get(self._name(record.handle, ".image"))
+    def image(self, record: Record, kind: bytes = b"image") -> tuple[bytes | None, str]:
+        """The image (or with `kind` b"files", the folders) saved with `record` and '', or None
+        and why there is none to use (a refusal is also logged). Blocks (decompression)."""
+        signed = self.shelf.get(self._name(record.handle, "." + kind.decode()))
         if signed is None:
             return None, ""
         try:
-            return self._open_image(signed, record), ""
+            return self._open(kind, signed, record), ""
         except RecordRefused as exc:
-            log.warning("the saved image of session %s was refused: %s", record.handle, exc)
-            return None, f"the saved image was refused: {exc}"
+            log.warning("the saved %s of session %s was refused: %s", kind.decode(), record.handle, exc)
+            return None, f"the saved {kind.decode()} was refused: {exc}"
 
-    def _open_image(self, signed: bytes, record: Record) -> bytes:
-        body_at = len(_IMAGE_MAGIC) + 4
-        if len(signed) < body_at + _MAC_BYTES or not signed.startswith(_IMAGE_MAGIC):
-            raise RecordRefused("it is cut short or not a saved image")
+    def _open(self, kind: bytes, signed: bytes, record: Record) -> bytes:
+        magic = _MAGIC[kind]
+        body_at = len(magic) + 4
+        if len(signed) < body_at + _MAC_BYTES or not signed.startswith(magic):
+            raise RecordRefused(f"it is cut short or not a saved {kind.decode()}")
         data, mac = signed[:-_MAC_BYTES], signed[-_MAC_BYTES:]
-        if not hmac.compare_digest(mac, self._mac(b"image", data)):
+        if not hmac.compare_digest(mac, self._mac(kind, data)):
             raise RecordRefused("its MAC does not match (changed or cut short)")
-        (size,) = struct.unpack(">I", data[len(_IMAGE_MAGIC):body_at])
+        (size,) = struct.unpack(">I", data[len(magic):body_at])
         try:
             bound = json.loads(data[body_at:body_at + size]) if size <= _MAX_HEADER else None
         except ValueError:
@@ -226,7 +231,7 @@ class SessionStore:
 
     def delete(self, handle: str) -> None:
         """Forget `handle`'s saved record and image (missing ones are fine)."""
-        for suffix in (".json", ".image"):
+        for suffix in (".json", ".image", ".files"):
             self.shelf.delete(self._name(handle, suffix))
 
     def handles(self) -> list[str]:
@@ -249,9 +254,9 @@ class SessionStore:
                 self.delete(handle)
                 removed += [record.run_id] if record is not None else []
         names = set(self.shelf.names())
-        for orphan in names:  # an image whose record is gone
-            handle = orphan.removesuffix(".image")
-            if orphan.endswith(".image") and HANDLE.match(handle) and f"{handle}.json" not in names:
+        for orphan in names:  # an image or folders whose record is gone
+            handle = orphan.removesuffix(".image").removesuffix(".files")
+            if handle != orphan and HANDLE.match(handle) and f"{handle}.json" not in names:
                 self.shelf.delete(orphan)
         return removed
 
@@ -312,29 +317,34 @@ def _load_key(path: Path) -> bytes:
     return key
 
 
-async def save_session(store: SessionStore, handle: str, owner: str, run: Run, age_s: float) -> None:
+async def save_session(store: SessionStore, handle: str, owner: str, run: Run, age_s: float, *,
+                       carry: bool = False) -> None:
     """Save `run`'s session under `handle` (waits for a running cell; blocks a worker thread
-    for the image and its compression), audited.
+    for the image and its compression), audited; with `carry`, its folders too (to resume on
+    another host).
 
     Raises:
         SessionClosed: the session was closed meanwhile.
         OSError: the store could not be written.
     """
     started = time.perf_counter()
-    saved = await run.session.save()
+    saved = await run.session.save(carry=carry)
     record = Record(handle, run.id, owner, saved.through, saved.next_cell, saved.clock_ns, age_s, time.time())
-    await anyio.to_thread.run_sync(store.save, record, saved.image)
+    await anyio.to_thread.run_sync(store.save, record, saved.image, saved.files)
     run.audit.event("session_saved", session=handle, through=saved.through,
                     image_bytes=len(saved.image) if saved.image is not None else None,
+                    files_bytes=len(saved.files) if saved.files is not None else None,
                     no_image=saved.why or None, seconds=round(time.perf_counter() - started, 3))
 
 
-async def load_session(store: SessionStore, journal: Journal, handle: str,
-                       principal: str) -> tuple[Record, Resumed] | None:
+async def load_session(store: SessionStore, journal: Journal, handle: str, principal: str, *,
+                       moved: str = "") -> tuple[Record, Resumed] | None:
     """What resumes the saved session `handle` for `principal`: None when there is none, its
     record was refused, or its run is gone from the journal (the caller answers these as an
     unknown handle). An image that is refused is left out: the session then resumes by
-    replaying its journal, and says so.
+    replaying its journal, and says so. `moved` (why: e.g. "the loss of its node") resumes it
+    on another host: its saved folders go with the image, and an image saved without them is
+    not used.
 
     Raises:
         NotYours: it is another principal's (answer as an unknown handle too, and audit it).
@@ -351,8 +361,11 @@ async def load_session(store: SessionStore, journal: Journal, handle: str,
         store.delete(handle)
         return None
     image, note = await anyio.to_thread.run_sync(store.image, record)
+    files = None
+    if moved and image is not None:
+        files, note = await anyio.to_thread.run_sync(store.image, record, b"files")
     cells = tuple(journal.cells(record.run_id))
     history = tuple(PastCell(c.number, c.code, True, Status(c.status), c.exchanges, c.duration_s)
                     for c in cells if c.status in COMPLETED)
-    resume = Resume(history, image, record.through, record.next_cell, record.clock_ns, note)
+    resume = Resume(history, image, record.through, record.next_cell, record.clock_ns, note, files, moved)
     return record, Resumed(record.run_id, cells, resume)

@@ -300,23 +300,26 @@ class SessionManager(CallScopes):
                 if reason := expired(self.policy, live, now):
                     await self.close(handle, reason=reason)
                     continue
-                if self._save_due(live, now):
+                if self.store is not None and save_due(self.policy, live, now):
                     await self._save(handle)
-                if self._rest_due(live, now):  # an idle session's image, compressed (~7x)
+                if rest_due(self.policy, live, now):  # an idle session's image, compressed (~7x)
                     await live.run.session.rest()
                     live.rested_calls = live.calls
 
-    def _rest_due(self, live: _Live, now: float) -> bool:
-        """Whether an idle session's image is to be compressed: once per rest of persist_idle_s."""
-        return live.idle() and live.rested_calls != live.calls and self._rested(live, now)
 
-    def _rested(self, live: _Live, now: float) -> bool:
-        return now - max(live.last_used, live.run.session.last_active) > self.policy.sessions.persist_idle_s
+def rested(policy: Policy, live: _Live, now: float) -> bool:
+    """Whether `live` has been idle `sessions.persist_idle_s`."""
+    return now - max(live.last_used, live.run.session.last_active) > policy.sessions.persist_idle_s
 
-    def _save_due(self, live: _Live, now: float) -> bool:
-        """Whether an idle session has cells it was not saved with, and has rested long enough."""
-        return (self.store is not None and live.idle() and live.saved_calls != live.calls
-                and self._rested(live, now))
+
+def rest_due(policy: Policy, live: _Live, now: float) -> bool:
+    """Whether an idle session's image is to be compressed: once per rest of persist_idle_s."""
+    return live.idle() and live.rested_calls != live.calls and rested(policy, live, now)
+
+
+def save_due(policy: Policy, live: _Live, now: float) -> bool:
+    """Whether an idle session has cells it was not saved with, and has rested long enough."""
+    return live.idle() and live.saved_calls != live.calls and rested(policy, live, now)
 
 
 def expired(policy: Policy, live: _Live, now: float) -> str:

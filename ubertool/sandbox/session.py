@@ -23,6 +23,7 @@ changed (the replay sees them as they are now).
 from __future__ import annotations
 
 import logging
+import tarfile
 import tempfile
 import threading
 import time
@@ -40,7 +41,7 @@ import zstandard
 from ubertool.tools.files import iter_tree, remove_tree
 from ubertool.tools.recorder import Checkpoint, Exchange
 
-from . import engine, imagefile
+from . import carry, engine, imagefile
 from .config import SandboxConfig
 from .quota import QuotaWatch, trim
 from .result import COMPLETED, CellError, CellResult, RestoreReport, Status, Text
@@ -93,13 +94,21 @@ class Saved:
     next_cell: int
     clock_ns: int
     why: str = ""
+    files: bytes | None = None  # with `save(carry=True)` and an image: the folders (`carry.pack`)
 
 
 @dataclass(frozen=True)
 class Resume:
     """What brings a saved session back in a new process: its completed cells in order (the
     journal's), and what `Saved` held. With no usable image, every cell is replayed; `note` says
-    why the image is not used (a refusal by the store), and is told with the next cell."""
+    why the image is not used (a refusal by the store), and is told with the next cell.
+
+    `moved` (why, e.g. "the loss of its node") resumes it on another host: its folders, new
+    and empty here, are filled from `files` (what `Saved.files` held) before the image goes
+    in, and the cells after the image replay their writes into them; when the image or the
+    folders cannot be used, every cell is replayed into the empty folders. Otherwise the
+    folders are the ones the session had (a restart on the same host).
+    """
 
     history: tuple[PastCell, ...]
     image: bytes | None
@@ -107,6 +116,19 @@ class Resume:
     next_cell: int
     clock_ns: int
     note: str = ""
+    files: bytes | None = None
+    moved: str = ""
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """How a resumed session came back: `report` of the cells replayed, whether after its saved
+    image (`from_image`), and why the image was not used (`note`, '' when it was or there was
+    none)."""
+
+    report: RestoreReport
+    from_image: bool
+    note: str
 
 
 class SandboxSession:
@@ -137,6 +159,7 @@ class SandboxSession:
         self._store_lock = threading.Lock()
         self._root: Path | None = None
         self.last_restore: RestoreReport | None = None
+        self.resumption: Resumption | None = None  # with `resume`: how it came back
         self.host_bytes = 0  # what the session holds on the host (guest memory, image), as of its last cell
         self.last_active = time.monotonic()
 
@@ -187,36 +210,54 @@ class SandboxSession:
         self._history = list(resume.history)
         self._next = max(resume.next_cell, *(cell.number + 1 for cell in self._history[-1:]), 1)
         self._start = self._base = _Base(None, 0, self._names(), self._fingerprint())
-        note, image = resume.note, None
-        if resume.image is not None and not note:
-            if not self._images:
-                note = "session images are off in this process"
-            else:
-                try:
-                    image = imagefile.loads(resume.image, engine.fingerprint(self.config))
-                except imagefile.ImageRefused as exc:
-                    note = str(exc)
+        note, image = self._saved_image(resume)
         if image is not None:
             cells = sum(1 for cell in self._history if cell.number <= resume.through)
             self._base = _Base(image, cells, self._start.names, self._start.files)
-        report = self._restore()
+        report = self._restore(aside=not resume.moved)
         if image is not None and self._base.image is None:  # it did not go in: every cell replayed
             note = "it could not be put into a new interpreter"
-        if not report.ok:
-            self._pending.append(f"the session was resumed after a server restart, but {report.reason}")
-        elif self._base.image is not None:
-            self._pending.append(f"the session was resumed after a server restart from its saved image"
-                                 f"{f' and {report.cells} later cells replayed' if report.cells else ''}")
-        else:
-            why = f" (its saved image was not used: {note})" if note else ""
-            self._pending.append(f"the session was resumed after a server restart by replaying its "
-                                 f"{report.cells} cells{why}; values that differ from run to run "
-                                 "(unseeded random numbers, the clock) are new")
+        self.resumption = Resumption(report, self._base.image is not None, note)
+        self._pending.append(_resumed_note(resume.moved or "a server restart", self.resumption))
         if note:
             log.warning("a saved session image was not used: %s", note)
         assert self._interp is not None
         self.host_bytes = engine.host_bytes(self._interp, self._base.image, self.config.limits.memory_bytes)
         return self._interp
+
+    def _saved_image(self, resume: Resume) -> tuple[str, engine.Image | None]:
+        """The resumed session's image, its folders filled when it carries them; else why not."""
+        if resume.image is None or resume.note:
+            return resume.note, None
+        if not self._images:
+            return "session images are off in this process", None
+        try:
+            image = imagefile.loads(resume.image, engine.fingerprint(self.config))
+        except imagefile.ImageRefused as exc:
+            return str(exc), None
+        if resume.moved:
+            if resume.files is None:
+                return "it was saved without its folders", None
+            try:
+                carry.unpack(resume.files, self._carried())
+            except (OSError, tarfile.TarError) as exc:
+                self._empty_carried()
+                return f"its folders could not be unpacked ({exc})", None
+        return "", image
+
+    def _carried(self) -> dict[str, Path]:
+        """The folders a save carries to another host: the session's own (not the policy's)."""
+        assert self._root is not None
+        return {"workspace": self.config.workspace, "root": self._root}
+
+    def _empty_carried(self) -> None:
+        """Take out of the carried folders what a failed unpack left (what the opening laid
+        out, the mount points, stays), so that a replay starts from empty folders."""
+        for folder, names in self._start.names.items():
+            if folder in self._carried().values():
+                for entry in folder.iterdir():
+                    if entry.name not in names:
+                        remove_tree(entry)
 
     async def rest(self) -> int:
         """Compress the session's image while it rests (zstd level 1: about 7x and 35 ms at
@@ -245,10 +286,12 @@ class SandboxSession:
             memory = zstandard.ZstdDecompressor().decompress(base.packed)
             self._base = replace(base, image=replace(base.image, memory=memory), packed=None)
 
-    async def save(self) -> Saved:
+    async def save(self, *, carry: bool = False) -> Saved:
         """The session as it is between cells, for `Resume` in another process: an image taken
         now (when images are on and no provider-mount file is open), its position in the
-        cells and its clock. Waits for a running cell.
+        cells and its clock. With `carry`, and an image, also its own folders as they are
+        with that image (`Saved.files`: None when they could not be packed, see `carry.pack`),
+        for a resume on another host. Waits for a running cell.
 
         Raises:
             SessionClosed: the session was closed.
@@ -256,9 +299,9 @@ class SandboxSession:
         async with self._lock:
             if self._interp is None:
                 raise SessionClosed("the sandbox session is closed")
-            return await anyio.to_thread.run_sync(self._save)
+            return await anyio.to_thread.run_sync(self._save, carry)
 
-    def _save(self) -> Saved:
+    def _save(self, carry_folders: bool) -> Saved:
         image, why = None, "session images are off"
         if self._images:
             self._maybe_image(self._fingerprint(), force=True)
@@ -272,7 +315,13 @@ class SandboxSession:
                 except imagefile.NotSavable as exc:
                     why = str(exc)
         through = self._history[-1].number if self._history else 0
-        return Saved(image, through, self._next, time.monotonic_ns() - self._clock_origin, why)
+        files = None
+        if carry_folders and image is not None:
+            try:
+                files = carry.pack(self._carried())
+            except carry.NotCarried as exc:
+                log.warning("a saved session's folders were not kept: %s", exc)
+        return Saved(image, through, self._next, time.monotonic_ns() - self._clock_origin, why, files)
 
     def _writable(self) -> list[Path]:
         assert self._root is not None
@@ -581,6 +630,19 @@ class SandboxSession:
         if status is cell.status:
             return ""
         return f"cell {cell.number} ended '{status}' on replay, not '{cell.status}' as it first did"
+
+
+def _resumed_note(cause: str, resumed: Resumption) -> str:
+    """What the next cell's result says of a resume after `cause`."""
+    report = resumed.report
+    if not report.ok:
+        return f"the session was resumed after {cause}, but {report.reason}"
+    if resumed.from_image:
+        later = f" and {report.cells} later cells replayed" if report.cells else ""
+        return f"the session was resumed after {cause} from its saved image{later}"
+    why = f" (its saved image was not used: {resumed.note})" if resumed.note else ""
+    return (f"the session was resumed after {cause} by replaying its {report.cells} cells{why}; values "
+            "that differ from run to run (unseeded random numbers, the clock) are new")
 
 
 def _remove_root(root: Path) -> None:

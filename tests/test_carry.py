@@ -1,0 +1,102 @@
+"""A session's folders packed to travel to another host (`ubertool.sandbox.carry`), attacked as
+a guest would: what it leaves in its folders (links out, FIFOs, a tree too large) and a crafted
+archive never reach the host outside the folders."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from ubertool.sandbox import carry
+
+
+def _folders(tmp_path: Path, *names: str) -> dict[str, Path]:
+    made = {name: tmp_path / name for name in names}
+    for folder in made.values():
+        folder.mkdir(mode=0o700, parents=True)
+    return made
+
+
+def test_files_folders_and_inner_links_travel(tmp_path: Path) -> None:
+    here = _folders(tmp_path / "here", "workspace", "root")
+    (here["workspace"] / "deep" / "er").mkdir(parents=True)
+    (here["workspace"] / "deep" / "er" / "data.bin").write_bytes(bytes(range(256)) * 100)
+    (here["root"] / "tmp").mkdir()
+    (here["root"] / "tmp" / "held").write_text("abc")
+    os.symlink("deep/er/data.bin", here["workspace"] / "link")
+    packed = carry.pack(here)
+
+    there = _folders(tmp_path / "there", "workspace", "root")
+    carry.unpack(packed, there)
+    assert (there["workspace"] / "deep" / "er" / "data.bin").read_bytes() == bytes(range(256)) * 100
+    assert (there["root"] / "tmp" / "held").read_text() == "abc"
+    assert os.readlink(there["workspace"] / "link") == "deep/er/data.bin"
+
+
+def test_what_the_guest_planted_is_not_followed_read_or_made(tmp_path: Path) -> None:
+    here = _folders(tmp_path, "workspace")
+    secret = tmp_path / "host-secret"
+    secret.write_text("host only")
+    os.symlink(secret, here["workspace"] / "absolute")
+    os.symlink("../host-secret", here["workspace"] / "climbing")
+    os.mkfifo(here["workspace"] / "fifo")  # opening it would block the host: it is never opened
+
+    done: list[bytes] = []
+    worker = threading.Thread(target=lambda: done.append(carry.pack(here)), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done, "packing blocked on the FIFO"
+    assert b"host only" not in done[0]  # links are kept as links: their targets are never read
+
+    there = _folders(tmp_path / "there", "workspace")
+    carry.unpack(done[0], there)
+    assert sorted(p.name for p in there["workspace"].iterdir()) == []  # links out and the FIFO dropped
+
+
+def _archive(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for member, data in members:
+            if data is not None:
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname, member.mode = kind, link, 0o644
+    return member
+
+
+def test_a_crafted_archive_writes_nothing_outside_its_folders(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    there = _folders(tmp_path, "workspace")
+    crafted = _archive(
+        (_member("workspace/../outside/climbed"), b"x"),
+        (_member("/" + str(outside / "absolute").lstrip("/")), b"x"),
+        (_member("workspace/door", tarfile.SYMTYPE, str(outside)), None),
+        (_member("workspace/door/through-link"), b"x"),
+        (_member("workspace/dev", tarfile.CHRTYPE), None),
+        (_member("elsewhere/file"), b"x"),
+        (_member("workspace/fine"), b"kept"),
+    )
+    carry.unpack(crafted, there)
+    assert list(outside.iterdir()) == []
+    kept = {p.name: p for p in there["workspace"].iterdir()}
+    assert set(kept) <= {"fine", "door"} and not (there["workspace"] / "door").is_symlink()
+    assert (there["workspace"] / "fine").read_bytes() == b"kept"
+
+
+def test_folders_over_the_limit_are_not_packed(tmp_path: Path) -> None:
+    here = _folders(tmp_path, "workspace")
+    (here["workspace"] / "big").write_bytes(b"\0" * 4096)
+    with pytest.raises(carry.NotCarried, match="more than"):
+        carry.pack(here, limit=4095)
+    assert carry.pack(here, limit=4096)

@@ -1,0 +1,100 @@
+"""A session's own folders (its workspace and private root) as one archive, to carry a saved
+session to another host (`SandboxSession.save(carry=True)`, then `Resume.files` there).
+
+Everything in those folders is the guest's, or a jailed program's: hostile. Packing walks by
+folder descriptor (`os.fwalk`: a folder swapped for a link meanwhile is not followed) and
+opens no file through a link; it takes folders, regular files and links (as links: their
+targets are never read) and nothing else (no FIFO is opened, no device read), and stops at
+`limit` bytes of files. Unpacking takes only what `tarfile`'s `data` filter allows (no absolute
+or escaping path, no link leading out, no device, no set-id bit) and drops any other member.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+CARRY_LIMIT = 256 * 2**20  # bytes of files; a session holding more resumes elsewhere by replay
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class NotCarried(Exception):
+    """The folders could not be packed (too large, too deep, unreadable); the message says why."""
+
+
+def pack(folders: dict[str, Path], limit: int = CARRY_LIMIT) -> bytes:
+    """The `folders` (archive name -> host folder) as one uncompressed tar.
+
+    Raises:
+        NotCarried: their files hold more than `limit` bytes, or a folder could not be walked
+            or a file read (a tree deeper than the host's paths, a file cut while read).
+    """
+    buffer = io.BytesIO()
+    try:
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            left = limit
+            for name, folder in folders.items():
+                tar.addfile(_member(name, tarfile.DIRTYPE, 0o700))
+                for top, dirs, files, dir_fd in os.fwalk(folder):
+                    relative = os.path.relpath(top, folder)
+                    prefix = name if relative == "." else f"{name}/{relative}"
+                    for entry in (*dirs, *files):
+                        left = _add(tar, f"{prefix}/{entry}", entry, dir_fd, left)
+    except (OSError, RecursionError, tarfile.TarError) as exc:
+        raise NotCarried(f"its folders could not be packed ({type(exc).__name__}: {exc})") from None
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, path: str, entry: str, dir_fd: int, left: int) -> int:
+    """Add one entry of the folder open at `dir_fd`; the bytes left under the limit."""
+    st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        tar.addfile(_member(path, tarfile.DIRTYPE, st.st_mode, st.st_mtime))
+    elif stat.S_ISLNK(st.st_mode):
+        link = _member(path, tarfile.SYMTYPE, 0o777, st.st_mtime)
+        link.linkname = os.readlink(entry, dir_fd=dir_fd)
+        tar.addfile(link)
+    elif stat.S_ISREG(st.st_mode):
+        fd = os.open(entry, _OPEN, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as file:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # swapped since the look: not a file to read
+                return left
+            if st.st_size > left:
+                raise NotCarried(f"its folders hold more than {CARRY_LIMIT // 2**20} MiB of files")
+            member = _member(path, tarfile.REGTYPE, st.st_mode, st.st_mtime)
+            member.size = st.st_size
+            tar.addfile(member, file)
+            return left - st.st_size
+    return left
+
+
+def _member(path: str, kind: bytes, mode: int, mtime: float = 0.0) -> tarfile.TarInfo:
+    member = tarfile.TarInfo(path)
+    member.type, member.mode, member.mtime = kind, stat.S_IMODE(mode) & 0o7777, int(mtime)
+    return member
+
+
+def unpack(data: bytes, folders: dict[str, Path]) -> None:
+    """Write what `pack` made into `folders` (archive name -> host folder, each existing): a
+    member under no named folder, or one the `data` filter refuses, is left out.
+
+    Raises:
+        OSError, tarfile.TarError: the archive is not one, or a member could not be written.
+    """
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        members = tar.getmembers()
+        for name, folder in folders.items():
+            inside = [m.replace(name=m.name[len(name) + 1:], deep=False) for m in members
+                      if m.name.startswith(f"{name}/")]
+            tar.extractall(folder, members=inside, filter=_data_only)
+
+
+def _data_only(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
+    try:
+        return tarfile.data_filter(member, destination)
+    except tarfile.FilterError:
+        return None
