@@ -39,7 +39,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 MIB = 2**20
 # Sessions are saved once they rest a second (the default is 30 s): what a lost node's restore uses.
-POLICY = "[limits]\nmemory_mib = 64\ntimeout_s = 30\n[sessions]\npersist_idle_s = 1\n"
+# A principal holds at most CAP sessions across the cluster.
+CAP = 3
+POLICY = (f"[limits]\nmemory_mib = 64\ntimeout_s = 30\n[sessions]\npersist_idle_s = 1\n"
+          f"[server]\nmax_sessions_per_principal = {CAP}\n")
 # The head has less memory than the worker, so placement by memory puts the first session on
 # the worker, the node the test kills; the head keeps room for the restored one.
 HEAD_MEMORY, WORKER_MEMORY = 1536 * MIB, 4096 * MIB
@@ -194,6 +197,15 @@ async def test_a_stdio_front_end_keeps_its_connection_s_session(cluster: RayClus
         first = await call(client, "y = 'stdio'")
         second = await call(client, "y")  # no `session`: the connection's own
     assert second["value"] == "'stdio'" and second["session"] == first["session"]
+
+
+async def test_a_principal_at_its_cap_gives_up_its_longest_idle_session(front_ends: list[str]) -> None:
+    async with Client(front_ends[0], timeout=120) as client:
+        handles = [(await call(client, f"n = {n}"))["session"] for n in range(CAP + 1)]  # each a new one
+        gone = await call(client, "n", session=handles[0])
+        assert "no open session" in gone["message"], gone
+        for n, handle in enumerate(handles[1:], 1):  # the cluster-wide count: over both nodes
+            assert (await call(client, "n", session=handle))["value"] == str(n)
 
 
 def saved_folders(cluster: RayCluster, handle: str) -> Path:

@@ -247,6 +247,13 @@ class SessionHost:
         """The node this session runs on."""
         return _node_id()
 
+    async def idle_s(self) -> float | None:
+        """How long this session has been idle; None while it runs a call, or when it is closed."""
+        live = self._live
+        if live is None or not live.idle():
+            return None
+        return time.monotonic() - max(live.last_used, live.run.session.last_active)
+
     async def _reap(self) -> None:
         """Close this session when it expires (as in-process: `sessions.expired`), then ask the
         directory to end the actor; save it, with its folders, when it rests (with `[sessions]
@@ -308,7 +315,8 @@ class Directory:
         self._given: dict[str, float] = {}  # handle -> when it was given out (monotonic)
         self._placed: dict[str, str] = {}  # handle -> node id, for every actor made (warm or claimed)
         self._ready: dict[str, list[str]] = {}  # node id -> warm sessions' handles, oldest first
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # handle -> held while it is restored
+        self._taking: dict[str, asyncio.Lock] = {}  # principal -> held while it takes a session
         self._total: dict[str, float] = {}  # alive node id -> its Ray memory (see `_refresh`)
         self._wake = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
@@ -325,8 +333,14 @@ class Directory:
         else one started now. Its handle.
 
         Raises:
-            SessionError: no node has room for a session.
+            SessionError: no node has room for a session, or `principal` holds
+                `server.max_sessions_per_principal` and each of them is running a call.
         """
+        async with self._taking.setdefault(principal, asyncio.Lock()):  # one count of theirs at a time
+            return await self._take(principal)
+
+    async def _take(self, principal: str) -> str:
+        await self._make_room(principal)
         for _ in range(3):  # a warm session may have been on a node just lost
             node = self._pick(warm=True)
             handle = self._ready[node].pop(0) if node else await self._make(self._pick(warm=False))
@@ -344,6 +358,36 @@ class Directory:
             self._given[handle] = time.monotonic()
             return handle
         raise SessionError("no session could be started: its nodes were lost; call again")
+
+    async def _make_room(self, principal: str) -> None:
+        """At `server.max_sessions_per_principal` (counted over the whole cluster), close
+        `principal`'s longest idle session (one lost with its node first), as in-process.
+
+        Raises:
+            SessionError: every one of them is running a call.
+        """
+        cap = self.policy.server.max_sessions_per_principal
+        own = [handle for handle, (owner, _) in self._sessions.items() if owner == principal]
+        if len(own) < cap:
+            return
+        idle: dict[str, float] = {}
+        for handle in own:
+            try:
+                idle_s = await asyncio.wait_for(_actor(handle, self.cluster.namespace).idle_s.remote(), 5)
+            except (ValueError, *_ray_errors(), TimeoutError):  # lost with its node, or not answering
+                idle_s = float("inf")
+            if idle_s is not None:
+                idle[handle] = idle_s
+        why = f"{len(own)} sessions of yours are open, the policy's server.max_sessions_per_principal"
+        if not idle:
+            raise SessionError(f"{why}, and all of yours are running a cell; pass the `session` of one you "
+                               "have, or call again when a cell has finished.")
+        victim = max(idle, key=idle.__getitem__)
+        with contextlib.suppress(ValueError, *_ray_errors(), TimeoutError):
+            host = _actor(victim, self.cluster.namespace)
+            await asyncio.wait_for(host.close.remote(f"evicted: the least recently used idle session of "
+                                                     f"its principal ({why})"), 30)
+        await self.closed(victim)
 
     async def restore(self, handle: str, principal: str) -> dict[str, Any]:
         """Bring back `principal`'s session `handle`, whose actor is gone, on a live node by
