@@ -295,7 +295,8 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
                                    *upstream.tools(), *packages.tools()),
                             limits=_limits(policy), about=about_text(policy, packages.installed),
                             import_path=(PACKAGES_GUEST,) if packages.site is not None else (),
-                            template=policy.sessions.template, root=root)
+                            template=policy.sessions.template, root=root,
+                            cache=private_folder(cache_home() / "sandbox"))
 
 
 @contextmanager
