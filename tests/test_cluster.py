@@ -1,5 +1,6 @@
 """Sessions on a Ray cluster: a two-node cluster on loopback (`ray start --head` and a second
-`ray start --address`), two `ubertool serve --cluster` front ends over HTTP serving one session
+`ray start --address`) with its journal and saved sessions in PostgreSQL (as across machines),
+two `ubertool serve --cluster` front ends over HTTP serving one session
 alternately through fastmcp's Client, a cell cancelled through the cluster, the worker node
 killed mid-session and its sessions resumed on the head node: one from its saved image and
 folders, one by replay (its saved folders tampered with)."""
@@ -25,9 +26,11 @@ import pytest
 from conftest import VENV_BIN, cli_env, ubertool_command
 from fastmcp import Client
 from fastmcp.client.transports import StdioTransport
+from postgres import Postgres
 from servers import free_port, start_http_server
 
 from ubertool.runtime.journal import Journal
+from ubertool.runtime.stores import PostgresStore
 
 # Token authentication on, as a real cluster should run: the nodes, the front ends and this test's
 # driver hold one token. Ray reads these when it is imported: hence here, before.
@@ -58,6 +61,10 @@ class RayCluster:
     policy: Path
     worker: subprocess.Popen[bytes]  # `ray start` of the worker node, leader of its process group
     env: dict[str, str]
+    journal_url: str
+
+    def journal(self) -> Journal:
+        return Journal(PostgresStore(self.journal_url))
 
     def kill_worker(self) -> None:
         """The worker node dies: its raylet and every process it started (SIGKILL), the actors'
@@ -83,13 +90,15 @@ def _ray(*args: str, env: dict[str, str], new_group: bool = False) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
-    """Two Ray nodes on 127.0.0.1 with one CPU each, in temporary folders; stopped (--force)."""
+def cluster(postgres: Postgres) -> Iterator[RayCluster]:
+    """Two Ray nodes on 127.0.0.1 with one CPU each, in temporary folders, a fresh PostgreSQL
+    database for the journal; stopped (--force)."""
     scratch = Path(tempfile.mkdtemp(prefix="ubc-"))  # short: Ray's socket paths must fit 107 bytes
     home = scratch / "home"
     home.mkdir()
     policy = scratch / "policy.toml"
-    policy.write_text(POLICY)
+    url = postgres.url(postgres.new_database())
+    policy.write_text(f'{POLICY}[journal]\nurl = "{url}"\n')
     env = cli_env(UBERTOOL_HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
     port = free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
@@ -99,7 +108,7 @@ def cluster() -> Iterator[RayCluster]:
              *common, env=env)
         worker = _ray("start", "--address", f"127.0.0.1:{port}", "--memory", str(WORKER_MEMORY), *common,
                       env=env, new_group=True)
-        yield RayCluster(f"127.0.0.1:{port}", home, policy, worker, env)
+        yield RayCluster(f"127.0.0.1:{port}", home, policy, worker, env, url)
     finally:
         subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -208,14 +217,15 @@ async def test_a_principal_at_its_cap_gives_up_its_longest_idle_session(front_en
             assert (await call(client, "n", session=handle))["value"] == str(n)
 
 
-def saved_folders(cluster: RayCluster, handle: str) -> Path:
-    """The saved folders of session `handle`, once its actor has saved them (30 s at most)."""
-    path = cluster.home / "sessions" / f"{handle}.files"
+def saved_folders(cluster: RayCluster, handle: str) -> bytes:
+    """The saved folders of session `handle` (sealed), once its actor has saved them (30 s at
+    most): in the journal's database, where every node finds them."""
     deadline = time.monotonic() + 30
-    while not path.exists():
-        assert time.monotonic() < deadline, f"session {handle} was not saved"
-        time.sleep(0.2)
-    return path
+    with cluster.journal() as journal:
+        while (saved := journal.get_image(f"{handle}.files")) is None:
+            assert time.monotonic() < deadline, f"session {handle} was not saved"
+            time.sleep(0.2)
+    return saved.data
 
 
 async def test_a_lost_node_s_sessions_resume_on_the_other_from_their_images_or_by_replay(
@@ -237,10 +247,10 @@ async def test_a_lost_node_s_sessions_resume_on_the_other_from_their_images_or_b
         other = await call(b, "import random\nopen('/workspace/b.txt', 'w').write('b')\nq = random.random()")
         assert driver.ask("where", handle) == driver.ask("where", other["session"]) == worker
         saved_folders(cluster, handle)
-        tampered = saved_folders(cluster, other["session"])
-        sealed = bytearray(tampered.read_bytes())
+        sealed = bytearray(saved_folders(cluster, other["session"]))
         sealed[len(sealed) // 2] ^= 1
-        tampered.write_bytes(bytes(sealed))
+        with cluster.journal() as journal:  # whoever can write the database cannot forge a session
+            journal.put_image(f"{other['session']}.files", bytes(sealed), {})
         await call(b, "data.append(3)", session=handle)  # after its save: replayed from the journal
 
         async def kill_mid_cell() -> None:
@@ -269,7 +279,7 @@ async def test_a_lost_node_s_sessions_resume_on_the_other_from_their_images_or_b
         after = await call(b, "q, open('/workspace/b.txt').read()", session=other["session"])
         assert after["value"].endswith(", 'b')"), after  # its file written again by the replay
 
-    with Journal(cluster.home / "journal.sqlite") as journal:  # the restored run holds every cell
+    with cluster.journal() as journal:  # the restored run holds every cell
         run = journal.find_run(handle)
         assert run is not None and [c.code.splitlines()[0] for c in journal.cells(run.id)] == [
             "import random", "data.append(3)", "data.append(4)"]
