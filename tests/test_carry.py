@@ -100,3 +100,31 @@ def test_folders_over_the_limit_are_not_packed(tmp_path: Path) -> None:
     with pytest.raises(carry.NotCarried, match="more than"):
         carry.pack(here, limit=4095)
     assert carry.pack(here, limit=4096)
+
+
+def test_no_member_is_written_through_a_link_the_archive_made(tmp_path: Path) -> None:
+    """A jailed program swapping a folder for a link while the host packs gets a link member
+    followed by members under it. Writing those follows the link; the `data` filter's check of
+    where a link leads is fooled by a path longer than the host's PATH_MAX (CVE-2025-4517: in
+    the Python this runs on, realpath stops resolving there), so a link it lets through leads
+    two folders up, out of the run's folders."""
+    there = _folders(tmp_path / "run", "workspace")
+    steps, deep = "abcdefghijklmnop", "d" * 247
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    path = ""
+    for step in steps:  # a/b/.../p is a short name for 16 folders of 247 characters
+        members += [(_member(f"workspace/{path}{deep}", tarfile.DIRTYPE), None),
+                    (_member(f"workspace/{path}{step}", tarfile.SYMTYPE, deep), None)]
+        path += f"{deep}/"
+    long_way = "/".join((*steps, "l" * 254))  # back up to the workspace, past PATH_MAX for realpath
+    members += [(_member(f"workspace/{long_way}", tarfile.SYMTYPE, "/".join([".."] * len(steps))), None),
+                (_member("workspace/door", tarfile.SYMTYPE, f"{long_way}/../.."), None),
+                (_member("workspace/door/planted"), b"host file")]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in members:
+            member.size = len(data or b"")
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    carry.unpack(buffer.getvalue(), there)
+    assert not (tmp_path / "planted").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]

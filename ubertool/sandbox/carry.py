@@ -6,7 +6,9 @@ folder descriptor (`os.fwalk`: a folder swapped for a link meanwhile is not foll
 opens no file through a link; it takes folders, regular files and links (as links: their
 targets are never read) and nothing else (no FIFO is opened, no device read), and stops at
 `limit` bytes of files. Unpacking takes only what `tarfile`'s `data` filter allows (no absolute
-or escaping path, no link leading out, no device, no set-id bit) and drops any other member.
+or escaping path, no link leading out, no device, no set-id bit) and never writes through a
+link (the filter's own check of links can be fooled, and a program swapping a folder for a link
+while the host packs puts members under a link): it drops any other member.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def _member(path: str, kind: bytes, mode: int, mtime: float = 0.0) -> tarfile.Ta
 
 def unpack(data: bytes, folders: dict[str, Path]) -> None:
     """Write what `pack` made into `folders` (archive name -> host folder, each existing): a
-    member under no named folder, or one the `data` filter refuses, is left out.
+    member under no named folder, one the `data` filter refuses, or one whose writing would
+    follow a link is left out.
 
     Raises:
         OSError, tarfile.TarError: the archive is not one, or a member could not be written.
@@ -95,6 +98,25 @@ def unpack(data: bytes, folders: dict[str, Path]) -> None:
 
 def _data_only(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
     try:
-        return tarfile.data_filter(member, destination)
+        member = tarfile.data_filter(member, destination)
     except tarfile.FilterError:
         return None
+    return None if _through_link(Path(destination), member.name) else member
+
+
+def _through_link(destination: Path, name: str) -> bool:
+    """Whether writing `name` below `destination` would follow a link already there: one on its
+    way, or one in its place. Raises OSError when that cannot be told (a path too long)."""
+    path = destination
+    for part in Path(name).parts:
+        path = path / part
+        if stat.S_ISLNK(_lstat_mode(path)):
+            return True
+    return False
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
