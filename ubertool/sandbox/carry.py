@@ -5,10 +5,11 @@ Everything in those folders is the guest's, or a jailed program's: hostile. Pack
 folder descriptor (`os.fwalk`: a folder swapped for a link meanwhile is not followed) and
 opens no file through a link; it takes folders, regular files and links (as links: their
 targets are never read) and nothing else (no FIFO is opened, no device read), and stops at
-`limit` bytes of files. Unpacking takes only what `tarfile`'s `data` filter allows (no absolute
-or escaping path, no link leading out, no device, no set-id bit) and never writes through a
-link (the filter's own check of links can be fooled, and a program swapping a folder for a link
-while the host packs puts members under a link): it drops any other member.
+`limit` bytes of archive (headers count too). Unpacking takes only what `tarfile`'s `data`
+filter allows (no absolute or escaping path, no link leading out, no device, no set-id bit)
+and never writes through a link (the filter's own check of links can be fooled, and a
+program swapping a folder for a link while the host packs puts members under a link): it
+drops any other member.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import stat
 import tarfile
 from pathlib import Path
 
-CARRY_LIMIT = 256 * 2**20  # bytes of files; a session holding more resumes elsewhere by replay
+CARRY_LIMIT = 256 * 2**20  # bytes of archive; a session holding more resumes elsewhere by replay
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -31,27 +32,27 @@ def pack(folders: dict[str, Path], limit: int = CARRY_LIMIT) -> bytes:
     """The `folders` (archive name -> host folder) as one uncompressed tar.
 
     Raises:
-        NotCarried: their files hold more than `limit` bytes, or a folder could not be walked
+        NotCarried: their archive would take more than `limit` bytes, or a folder could not be walked
             or a file read (a tree deeper than the host's paths, a file cut while read).
     """
     buffer = io.BytesIO()
     try:
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            left = limit
             for name, folder in folders.items():
                 tar.addfile(_member(name, tarfile.DIRTYPE, 0o700))
                 for top, dirs, files, dir_fd in os.fwalk(folder):
                     relative = os.path.relpath(top, folder)
                     prefix = name if relative == "." else f"{name}/{relative}"
                     for entry in (*dirs, *files):
-                        left = _add(tar, f"{prefix}/{entry}", entry, dir_fd, left)
+                        _add(tar, f"{prefix}/{entry}", entry, dir_fd, limit)
     except (OSError, RecursionError, tarfile.TarError) as exc:
         raise NotCarried(f"its folders could not be packed ({type(exc).__name__}: {exc})") from None
     return buffer.getvalue()
 
 
-def _add(tar: tarfile.TarFile, path: str, entry: str, dir_fd: int, left: int) -> int:
-    """Add one entry of the folder open at `dir_fd`; the bytes left under the limit."""
+def _add(tar: tarfile.TarFile, path: str, entry: str, dir_fd: int, limit: int) -> None:
+    """Add one entry of the folder open at `dir_fd`, the archive staying within `limit` bytes
+    (headers count: a million empty files cost as much as a large one)."""
     st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISDIR(st.st_mode):
         tar.addfile(_member(path, tarfile.DIRTYPE, st.st_mode, st.st_mtime))
@@ -64,14 +65,14 @@ def _add(tar: tarfile.TarFile, path: str, entry: str, dir_fd: int, left: int) ->
         with os.fdopen(fd, "rb") as file:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):  # swapped since the look: not a file to read
-                return left
-            if st.st_size > left:
-                raise NotCarried(f"its folders hold more than {CARRY_LIMIT // 2**20} MiB of files")
+                return
+            if tar.offset + st.st_size > limit:
+                raise NotCarried(f"its folders take more than {limit / 2**20:g} MiB to pack")
             member = _member(path, tarfile.REGTYPE, st.st_mode, st.st_mtime)
             member.size = st.st_size
             tar.addfile(member, file)
-            return left - st.st_size
-    return left
+    if tar.offset > limit:
+        raise NotCarried(f"its folders take more than {limit / 2**20:g} MiB to pack")
 
 
 def _member(path: str, kind: bytes, mode: int, mtime: float = 0.0) -> tarfile.TarInfo:
