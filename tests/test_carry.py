@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -139,3 +141,24 @@ def test_many_empty_files_and_links_count_against_the_limit(tmp_path: Path) -> N
         os.symlink("t" * 1000, here["workspace"] / f"{n:03}{'l' * 200}")
     with pytest.raises(carry.NotCarried, match="more than"):
         carry.pack(here, limit=2**20)
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plays a host user a folder is closed to: root switches")
+def test_a_folder_that_cannot_be_walked_is_not_left_out_silently(tmp_path: Path) -> None:
+    """A folder the host cannot open (a jailed program, running as the host's user, took its
+    permissions away) fails the pack: an archive without its files would resume the session
+    with them silently gone."""
+    here = _folders(tmp_path, "workspace")
+    (here["workspace"] / "locked").mkdir()
+    (here["workspace"] / "locked" / "kept").write_text("locked away")
+    for path in (here["workspace"], here["workspace"] / "locked", here["workspace"] / "locked" / "kept"):
+        os.chown(path, 65534, 65534)
+    (here["workspace"] / "locked").chmod(0)
+    packing = ("import os, sys; from pathlib import Path; from ubertool.sandbox import carry\n"
+               "os.chdir(sys.argv[1]); os.setgid(65534); os.setuid(65534)\n"
+               "try:\n    packed = carry.pack({'workspace': Path('.')})\n"
+               "except carry.NotCarried:\n    sys.exit(3)\n"
+               "sys.exit(0 if b'locked away' in packed else 4)\n")
+    done = subprocess.run([sys.executable, "-c", packing, str(here["workspace"])], check=False)
+    assert done.returncode == 3  # the host, not root, cannot read it: none of it, not part

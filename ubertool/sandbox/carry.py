@@ -40,7 +40,7 @@ def pack(folders: dict[str, Path], limit: int = CARRY_LIMIT) -> bytes:
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, folder in folders.items():
                 tar.addfile(_member(name, tarfile.DIRTYPE, 0o700))
-                for top, dirs, files, dir_fd in os.fwalk(folder):
+                for top, dirs, files, dir_fd in os.fwalk(folder, onerror=_fail):
                     relative = os.path.relpath(top, folder)
                     prefix = name if relative == "." else f"{name}/{relative}"
                     for entry in (*dirs, *files):
@@ -48,6 +48,11 @@ def pack(folders: dict[str, Path], limit: int = CARRY_LIMIT) -> bytes:
     except (OSError, RecursionError, tarfile.TarError) as exc:
         raise NotCarried(f"its folders could not be packed ({type(exc).__name__}: {exc})") from None
     return buffer.getvalue()
+
+
+def _fail(error: OSError) -> None:
+    """A folder that cannot be opened fails the pack (`os.fwalk` would leave it out silently)."""
+    raise error
 
 
 def _add(tar: tarfile.TarFile, path: str, entry: str, dir_fd: int, limit: int) -> None:
