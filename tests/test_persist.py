@@ -284,6 +284,24 @@ def test_the_store_refuses_what_was_changed(tmp_path: Path) -> None:
         store.record(record.handle)
 
 
+
+def test_blobs_of_one_save_are_not_taken_with_another_at_the_same_position(tmp_path: Path) -> None:
+    """Two saves between the same cells (calls that ran none: a background program, a file the
+    host put in) differ only in their clock. An image or folders of the older one, put back
+    beside the newer record (a torn save, or whoever writes the store), are refused: else a
+    session would resume with files that were since changed, silently."""
+    (tmp_path / "sessions").mkdir(mode=0o700)
+    store = _store(tmp_path)
+    older = _record()
+    store.save(older, b"memory" * 1000, b"old folders" * 100)
+    saved = tmp_path / "sessions"
+    stale = {kind: (saved / f"{older.handle}.{kind}").read_bytes() for kind in ("image", "files")}
+    newer = replace(older, clock_ns=older.clock_ns + 5 * 10**9, saved_at=5.0)
+    store.save(newer, b"memory" * 1000, b"new folders" * 100)
+    for kind, blob in stale.items():
+        (saved / f"{older.handle}.{kind}").write_bytes(blob)
+        assert store.image(newer, kind.encode())[0] is None, kind
+
 def test_the_store_names_files_only_by_a_handle(tmp_path: Path) -> None:
     (tmp_path / "sessions").mkdir(mode=0o700)
     store = _store(tmp_path)
