@@ -162,3 +162,30 @@ def test_a_folder_that_cannot_be_walked_is_not_left_out_silently(tmp_path: Path)
                "sys.exit(0 if b'locked away' in packed else 4)\n")
     done = subprocess.run([sys.executable, "-c", packing, str(here["workspace"])], check=False)
     assert done.returncode == 3  # the host, not root, cannot read it: none of it, not part
+
+
+def test_hard_links_in_a_folder_stay_one_file(tmp_path: Path) -> None:
+    """The guest links a file under two names (WASI `path_link`): after the move, a write
+    through one name must still show through the other, not land in a silent copy."""
+    here = _folders(tmp_path / "here", "workspace", "root")
+    (here["workspace"] / "sub").mkdir()
+    (here["workspace"] / "data").write_text("shared")
+    os.link(here["workspace"] / "data", here["workspace"] / "sub" / "same")
+    os.link(here["workspace"] / "data", here["root"] / "copy")  # across folders: a copy there
+    there = _folders(tmp_path / "there", "workspace", "root")
+    carry.unpack(carry.pack(here), there)
+    data, same = there["workspace"] / "data", there["workspace"] / "sub" / "same"
+    assert data.stat().st_ino == same.stat().st_ino and same.read_text() == "shared"
+    assert (there["root"] / "copy").read_text() == "shared"
+
+
+def test_a_hard_link_to_what_was_left_out_is_left_out(tmp_path: Path) -> None:
+    there = _folders(tmp_path, "workspace")
+    os.symlink(tmp_path, there["workspace"] / "door")
+    (tmp_path / "host-file").write_text("host")
+    crafted = _archive((_member("workspace/door/host-file"), b"x"),
+                       (_member("workspace/taken", tarfile.LNKTYPE, "workspace/door/host-file"), None),
+                       (_member("workspace/missing", tarfile.LNKTYPE, "workspace/nowhere"), None))
+    carry.unpack(crafted, there)
+    assert sorted(p.name for p in there["workspace"].iterdir()) == ["door"]
+    assert (tmp_path / "host-file").read_text() == "host" and (tmp_path / "host-file").stat().st_nlink == 1
