@@ -23,7 +23,16 @@ from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.persist import Record, RecordRefused, SessionStore
 from ubertool.runtime.policy import default_policy
 from ubertool.runtime.sessions import SessionManager
-from ubertool.sandbox import PastCell, Resume, SandboxConfig, SandboxSession, Status, images
+from ubertool.sandbox import (
+    PastCell,
+    Resume,
+    SandboxConfig,
+    SandboxSession,
+    Status,
+    engine,
+    imagefile,
+    images,
+)
 from ubertool.sandbox import session as session_module
 
 pytestmark = pytest.mark.anyio
@@ -127,6 +136,30 @@ async def test_a_session_moved_to_another_host_takes_its_folders(
             assert any("by replaying its 3 cells (its saved image was not used: it was saved without "
                        "its folders)" in n for n in result.notes), result.notes
 
+
+
+async def test_a_moved_session_whose_image_does_not_go_in_replays_into_empty_folders(
+        rooted: SandboxConfig, tmp_path: Path) -> None:
+    """The folders are unpacked before the image goes in; when it then cannot (here: a file
+    number it holds cannot be kept; on a loaded host, memory that cannot grow), every cell is
+    replayed, and must find the folders empty, not holding what those cells wrote already."""
+    async with SandboxSession(rooted) as first:
+        await first.run("open('/workspace/log.txt', 'a').write('one\\n')")
+        saved = await first.save(carry=True)
+        history = tuple(PastCell(c.number, c.code, c.echo, c.status, c.exchanges, c.duration_s)
+                        for c in first._history)
+    assert saved.image is not None and saved.files is not None
+    fingerprint = engine.fingerprint(rooted)
+    image = imagefile.loads(saved.image, fingerprint)
+    unkept = images.OpenFile(4000, 3999, b"gone", 0, 0, 0, 0, 0, 0)  # under no preopen: no placeholder
+    broken = imagefile.dumps(replace(image, files=(*image.files, unkept)), fingerprint)
+    there = replace(rooted, workspace=_private(tmp_path / "elsewhere"), root=_private(tmp_path / "root2"))
+    resume = Resume(history, broken, saved.through, saved.next_cell, saved.clock_ns,
+                    files=saved.files, moved="the loss of its node")
+    async with SandboxSession(there, resume=resume) as session:
+        result = await session.run("open('/workspace/log.txt').read()")
+        assert session.resumption is not None and not session.resumption.from_image
+        assert str(result.value) == repr("one\n")  # written once, not once unpacked and once replayed
 
 async def test_a_refused_image_falls_back_to_replay(rooted: SandboxConfig) -> None:
     config = rooted
@@ -283,6 +316,24 @@ def test_the_store_refuses_what_was_changed(tmp_path: Path) -> None:
     with pytest.raises(RecordRefused, match="MAC"):
         store.record(record.handle)
 
+
+
+def test_blobs_of_one_save_are_not_taken_with_another_at_the_same_position(tmp_path: Path) -> None:
+    """Two saves between the same cells (calls that ran none: a background program, a file the
+    host put in) differ only in their clock. An image or folders of the older one, put back
+    beside the newer record (a torn save, or whoever writes the store), are refused: else a
+    session would resume with files that were since changed, silently."""
+    (tmp_path / "sessions").mkdir(mode=0o700)
+    store = _store(tmp_path)
+    older = _record()
+    store.save(older, b"memory" * 1000, b"old folders" * 100)
+    saved = tmp_path / "sessions"
+    stale = {kind: (saved / f"{older.handle}.{kind}").read_bytes() for kind in ("image", "files")}
+    newer = replace(older, clock_ns=older.clock_ns + 5 * 10**9, saved_at=5.0)
+    store.save(newer, b"memory" * 1000, b"new folders" * 100)
+    for kind, blob in stale.items():
+        (saved / f"{older.handle}.{kind}").write_bytes(blob)
+        assert store.image(newer, kind.encode())[0] is None, kind
 
 def test_the_store_names_files_only_by_a_handle(tmp_path: Path) -> None:
     (tmp_path / "sessions").mkdir(mode=0o700)

@@ -277,9 +277,10 @@ def prune_saved(store: SessionStore, journal: Journal, older_than_s: float, keep
 
 
 def _binding(record: Record) -> dict[str, object]:
-    """What ties an image to its record: a swapped or stale image is refused."""
+    """What ties an image (or folders) to its record: a swapped or stale one is refused, one of
+    an earlier save at the same position too (the session's clock tells saves apart)."""
     return {"handle": record.handle, "run_id": record.run_id, "owner": record.owner,
-            "through": record.through, "next_cell": record.next_cell}
+            "through": record.through, "next_cell": record.next_cell, "clock_ns": record.clock_ns}
 
 
 def _write(path: Path, data: bytes) -> None:

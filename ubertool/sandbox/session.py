@@ -215,7 +215,7 @@ class SandboxSession:
         if image is not None:
             cells = sum(1 for cell in self._history if cell.number <= resume.through)
             self._base = _Base(image, cells, self._start.names, self._start.files)
-        report = self._restore(aside=not resume.moved)
+        report = self._restore(aside=not resume.moved, carried=image is not None and bool(resume.moved))
         if image is not None and self._base.image is None:  # it did not go in: every cell replayed
             note = "it could not be put into a new interpreter"
         self.resumption = Resumption(report, self._base.image is not None, note)
@@ -574,8 +574,9 @@ class SandboxSession:
         outside = self.config.recorder.checkpoint()
         self._base = _Base(image, len(self._history), self._names(), files, outside)
 
-    def _open_base(self) -> list[str]:
-        """A new interpreter holding the base's state in `self._interp`; the files lost."""
+    def _open_base(self, carried: bool = False) -> list[str]:
+        """A new interpreter holding the base's state in `self._interp`; the files lost. When
+        the image does not go in, the base is the start (`carried`: its folders emptied)."""
         assert self._root is not None
         self._unpack()
         image = self._base.image
@@ -586,18 +587,22 @@ class SandboxSession:
             except engine.SandboxStartError:
                 log.exception("a session image could not be restored; replaying every cell")
                 self._base = self._start
+                if carried:
+                    self._empty_carried()
         self._interp = interp or engine.open_interpreter(self.config, self._root)
         self._set_clock(self._interp)
         return lost
 
-    def _restore(self, *, aside: bool = True) -> RestoreReport:
+    def _restore(self, *, aside: bool = True, carried: bool = False) -> RestoreReport:
         """Open a new interpreter from the base and replay the completed cells after it; blocks.
         `aside`: the writable folders already hold what the cells wrote (so the replay's writes
-        are discarded); False in a new place whose folders the replay fills."""
+        are discarded); False in a new place whose folders the replay fills. `carried`: those
+        folders were filled with the base image's (a moved session's), and are emptied when
+        the image does not go in and every cell is replayed."""
         if self._interp is not None:
             self._interp.close()
         started = time.perf_counter()
-        lost = self._open_base()
+        lost = self._open_base(carried)
         base = self._base
         replayed = self._history[base.cells:]
         recorded = [exchange for cell in replayed for exchange in cell.exchanges]
