@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from guest import run_interrupted
@@ -416,3 +418,26 @@ def test_the_soft_interrupt_addresses_are_found_once_per_guest_build(tmp_path: P
     kept.write_text(json.dumps(other))
     assert "the module was read" in _soft_check_in_a_new_process(tmp_path, "no-module-reads")[0]
     assert _soft_check_in_a_new_process(tmp_path, "read") == first
+
+
+def test_the_soft_interrupt_self_test_sends_only_once_the_guest_loops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a loaded host the guest's turn starts late: an interrupt sent before its loop lands in
+    the turn's own setup, and the self-test would turn soft interrupts off for the process."""
+    opened = images._open_bare
+
+    def slow_to_start(root: str) -> Any:
+        interp = opened(root)
+        run = interp.run
+
+        def late(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.5)  # the guest is not looping yet; its interpreter is there to write to
+            return run(*args, **kwargs)
+
+        interp.run = late
+        return interp
+
+    monkeypatch.setattr(images, "_open_bare", slow_to_start)
+    addr = images.soft_check()[0]
+    assert addr is not None
+    assert images._live_interrupt(addr) is addr  # raises when the interrupt came too soon

@@ -770,16 +770,21 @@ def _live_interrupt(addr: Addresses) -> Addresses:
     if os.environ.get(FORCE_FAIL_ENV) == "fail":
         raise ImagesUnavailable(f"forced by {FORCE_FAIL_ENV}=fail")
     with tempfile.TemporaryDirectory(prefix="ubertool-selftest-") as root:
+        os.mkdir(os.path.join(root, "tmp"))
+        looping = os.path.join(root, "tmp", "looping")
         interp = _open_bare(root)
         try:
             done: list[Any] = []
-            loop = "try:\n    while True: pass\nexcept KeyboardInterrupt:\n    print('stopped')"
+            # Sent only once the guest is inside its `try` (it says so with a file): sent sooner,
+            # on a loaded host, the interrupt lands in the turn's own setup and fails the check.
+            loop = ("try:\n    open('/tmp/looping', 'w').close()\n    while True: pass\n"
+                    "except KeyboardInterrupt:\n    print('stopped')")
             thread = threading.Thread(target=lambda: done.append(interp.run(loop, deadline_s=20.0)))
             thread.start()
             sent = False
             while not sent and thread.is_alive():
                 thread.join(0.05)
-                sent = soft_interrupt(interp, addr)
+                sent = os.path.exists(looping) and soft_interrupt(interp, addr)
             thread.join(20.0)
             if not done or done[0].stdout != b"stopped\n":
                 raise ImagesUnavailable("a KeyboardInterrupt did not reach the guest's loop")
