@@ -11,7 +11,8 @@ import anyio.to_thread
 from ubertool.sandbox import warm
 
 _QUIET_S = 4.0  # a warm cache loads well within this, even on a loaded machine: say nothing then
-_NOTE = "Compiling the sandbox (once per machine, about a minute; later starts are instant)"
+# Said when loading takes long: a first compile (once per machine), or a busy machine.
+_NOTE = "Preparing the sandbox (the first time on a machine it compiles: about a minute)"
 
 
 async def _progress(started: float) -> None:
@@ -26,7 +27,7 @@ async def _progress(started: float) -> None:
         if tty:
             print(f"\r{spin[tick % 4]} {_NOTE}: {elapsed:4.0f} s", end="", file=sys.stderr, flush=True)
         elif tick and tick % 40 == 0:
-            print(f"  still compiling: {elapsed:.0f} s", file=sys.stderr, flush=True)
+            print(f"  still preparing: {elapsed:.0f} s", file=sys.stderr, flush=True)
         tick += 1
         await anyio.sleep(0.25)
 
