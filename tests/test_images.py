@@ -3,9 +3,6 @@ the fallback to replay when the private layer's self-test fails. Real sandbox th
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -384,40 +381,6 @@ async def test_the_policy_names_a_template(_isolated_home: Path, tmp_path: Path)
             assert ready, first
             values.append(value)
     assert values[0] != values[1]  # reseeded, not the template's random state
-
-
-_SOFT_CHECK = """
-import json, sys
-from pathlib import Path
-from ubertool.sandbox import images
-if sys.argv[2] == "no-module-reads":
-    def refuse(snapshot):
-        raise AssertionError("the module was read")
-    images._found = refuse
-addr, why = images.soft_check(Path(sys.argv[1]))
-print(json.dumps([why, addr is not None and [addr.main_tstate, addr.eval_breaker]]))
-"""
-
-
-def _soft_check_in_a_new_process(cache: Path, mode: str) -> list:
-    done = subprocess.run([sys.executable, "-c", _SOFT_CHECK, str(cache), mode], capture_output=True,
-                          text=True, timeout=120, check=True)
-    return json.loads(done.stdout.splitlines()[-1])
-
-
-def test_the_soft_interrupt_addresses_are_found_once_per_guest_build(tmp_path: Path) -> None:
-    first = _soft_check_in_a_new_process(tmp_path, "read")
-    assert first[0] == "" and first[1]
-    kept = tmp_path / "soft-interrupt-addresses.json"
-    assert kept.stat().st_mode & 0o077 == 0
-    # A later process takes them from the cache (and still checks them live).
-    assert _soft_check_in_a_new_process(tmp_path, "no-module-reads") == first
-    # Kept for another module file (another build, or the same path replaced): found again.
-    other = json.loads(kept.read_text())
-    other["module"][3] += 1  # another inode
-    kept.write_text(json.dumps(other))
-    assert "the module was read" in _soft_check_in_a_new_process(tmp_path, "no-module-reads")[0]
-    assert _soft_check_in_a_new_process(tmp_path, "read") == first
 
 
 def test_the_soft_interrupt_self_test_sends_only_once_the_guest_loops(

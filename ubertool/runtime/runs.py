@@ -295,8 +295,7 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
                                    *upstream.tools(), *packages.tools()),
                             limits=_limits(policy), about=about_text(policy, packages.installed),
                             import_path=(PACKAGES_GUEST,) if packages.site is not None else (),
-                            template=policy.sessions.template, root=root,
-                            cache=private_folder(cache_home() / "sandbox"))
+                            template=policy.sessions.template, root=root)
 
 
 @contextmanager

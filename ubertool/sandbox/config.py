@@ -72,8 +72,6 @@ class SandboxConfig:
     (reseeded), when session images are on; () for none. `root` is the host folder the guest
     sees as `/` (its /tmp and HOME): an empty owner-only folder that its giver keeps (so a
     saved session finds it again) and removes; None: a temporary one, removed at the close.
-    `cache` is an owner-only host folder (never granted to a guest) where the sandbox keeps
-    what it works out once per guest build, for later processes; None: worked out each time.
     """
 
     workspace: Path
@@ -87,4 +85,3 @@ class SandboxConfig:
     import_path: tuple[str, ...] = ()
     template: tuple[str, ...] = ()
     root: Path | None = None
-    cache: Path | None = None

@@ -413,10 +413,9 @@ SOFT_GRACE_S = 1.0  # how long a cell has to stop at a KeyboardInterrupt before 
 _WATCH_S = 0.002  # how often the watcher checks the clock and cancel (a quota stop waits on it)
 
 
-def soft_interrupts_off(cache: Path | None = None) -> str:
-    """'' when a running cell can be stopped by a KeyboardInterrupt, else why not. `cache`: a
-    folder to keep what the check finds for later processes (`images.addresses`)."""
-    return images.soft_check(cache)[1]
+def soft_interrupts_off() -> str:
+    """'' when a running cell can be stopped by a KeyboardInterrupt, else why not."""
+    return images.soft_check()[1]
 
 
 def run_turn(

