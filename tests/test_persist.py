@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from test_http_front_door import AUDIENCE, ISSUER, KID, as_principal, audit, cal
 from ubertool.runtime.journal import Journal, default_journal_path
 from ubertool.runtime.persist import Record, RecordRefused, SessionStore
 from ubertool.runtime.policy import default_policy
-from ubertool.runtime.sessions import SessionManager
+from ubertool.runtime.runs import open_run
+from ubertool.runtime.sessions import SessionManager, _Live, save_due, saved
 from ubertool.sandbox import (
     PastCell,
     Resume,
@@ -423,3 +425,23 @@ async def test_an_idle_session_holds_its_image_compressed(_isolated_home: Path,
                     await anyio.sleep(0.1)
             async with manager.use(handle, None, "alice") as (_, again):
                 assert (await again.cell("r")).status is Status.OK
+
+
+async def test_a_session_called_all_the_time_is_saved_too(_isolated_home: Path) -> None:
+    """A session that never rests persist_idle_s is saved once its unsaved cells have run that
+    long and it rests a second: what a restore must replay stays bounded."""
+    policy = default_policy()
+    assert policy.sessions.persist_idle_s == 30
+    async with open_run(policy) as run:
+        await run.cell("x = 1")
+        live = _Live("s-" + "a" * 16, "alice", run, AsyncExitStack(), calls=1)
+        soon = time.monotonic() + 2
+        assert not save_due(policy, live, soon)  # one short cell: it waits for 30 s of rest
+        run.record.cells[-1] = replace(run.record.cells[-1], duration_s=30.0)  # as if it had run 30 s
+        assert save_due(policy, live, soon)
+        assert not save_due(policy, live, time.monotonic())  # not without a second of rest
+        saved(live)
+        assert not save_due(policy, live, soon)
+        await run.cell("y = 2")
+        live.calls += 1
+        assert not save_due(policy, live, time.monotonic() + 2)  # only what ran since counts

@@ -55,7 +55,7 @@ from ubertool.runtime.manager import CallScopes, answer
 from ubertool.runtime.persist import NotYours, Record, SessionStore, load_session, save_session
 from ubertool.runtime.policy import Policy
 from ubertool.runtime.runs import Resumed, open_run
-from ubertool.runtime.sessions import STOPPING, SessionError, _Live, expired, rest_due, save_due
+from ubertool.runtime.sessions import STOPPING, SessionError, _Live, expired, rest_due, save_due, saved
 from ubertool.runtime.stores import JournalError
 from ubertool.runtime.telemetry import telemetry
 from ubertool.sandbox import SessionClosed, Status
@@ -171,7 +171,8 @@ class SessionHost:
         assert self._live is not None
         live, run = self._live, self._live.run
         live.opened -= record.age_s  # its lifetime counts from when it was first opened
-        live.calls = live.saved_calls = len(run.record.cells) + 1
+        live.calls = len(run.record.cells) + 1
+        saved(live)
         resumed = run.session.resumption
         assert resumed is not None
         report = resumed.report
@@ -288,7 +289,7 @@ class SessionHost:
         except (OSError, SessionClosed, JournalError) as exc:
             live.run.audit.event("session_save_failed", session=self.handle, error=str(exc))
             return
-        live.saved_calls = live.calls
+        saved(live)
 
     async def close(self, reason: str) -> None:
         """Close the run (credentials revoked, workspace removed, run ended in the journal) and

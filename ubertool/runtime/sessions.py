@@ -46,6 +46,7 @@ STOPPING = "the server is stopping"
 # A new session's guest memory and image, about (a fresh interpreter holds ~40 MiB, its first
 # image as much): what the host budget keeps room for before opening one.
 NEW_SESSION_BYTES = 96 * 2**20
+BUSY_REST_S = 1.0  # the rest that saves a session whose unsaved cells ran persist_idle_s (`save_due`)
 
 
 class SessionError(Exception):
@@ -64,6 +65,7 @@ class _Live:
     calls: int = 0  # calls that asked for this session, the one that opened it included
     active: int = 0  # calls holding it now (from `use` until their reply)
     saved_calls: int = -1  # `calls` when it was last saved (`[sessions] persist`)
+    saved_cells: int = 0  # how many of its run's cells it was last saved with
     rested_calls: int = -1  # `calls` when its image was last compressed (see `_reaper`)
 
     def idle(self) -> bool:
@@ -254,7 +256,7 @@ class SessionManager(CallScopes):
             log.warning("session %s could not be saved: %s", handle, exc)
             live.run.audit.event("session_save_failed", session=handle, error=str(exc))
             return False
-        live.saved_calls = live.calls
+        saved(live)
         return True
 
     async def _resume(self, handle: str, principal: str) -> _Live | None:
@@ -280,7 +282,7 @@ class SessionManager(CallScopes):
         live = self._live[handle] = _Live(handle, principal, run, stack)
         SESSIONS.add(1)
         live.opened -= record.age_s  # its lifetime counts from when it was first opened
-        live.saved_calls = 0
+        saved(live)
         return live
 
     async def _pool_room(self) -> bool:
@@ -318,8 +320,21 @@ def rest_due(policy: Policy, live: _Live, now: float) -> bool:
 
 
 def save_due(policy: Policy, live: _Live, now: float) -> bool:
-    """Whether an idle session has cells it was not saved with, and has rested long enough."""
-    return live.idle() and live.saved_calls != live.calls and rested(policy, live, now)
+    """Whether an idle session has cells it was not saved with, and has rested long enough:
+    `sessions.persist_idle_s`, or `BUSY_REST_S` once those cells took `persist_idle_s` to run
+    (a session called all the time is saved too: what a restore replays stays bounded)."""
+    if not live.idle() or live.saved_calls == live.calls:
+        return False
+    if rested(policy, live, now):
+        return True
+    unsaved_s = sum(cell.duration_s for cell in live.run.record.cells[live.saved_cells:])
+    return (unsaved_s >= policy.sessions.persist_idle_s
+            and now - max(live.last_used, live.run.session.last_active) >= BUSY_REST_S)
+
+
+def saved(live: _Live) -> None:
+    """Note that `live` was saved as it is now."""
+    live.saved_calls, live.saved_cells = live.calls, len(live.run.record.cells)
 
 
 def expired(policy: Policy, live: _Live, now: float) -> str:
