@@ -23,8 +23,9 @@ def nodes() -> dict[str, float]:
 
 
 def where(handle: str) -> str:
-    """The node session `handle`'s actor runs on."""
-    return ray.get(ray.get_actor(handle, namespace=NAMESPACE).where.remote())
+    """The node session `handle`'s actor runs on (one restored after a lost node has another name)."""
+    name = ray.get(ray.get_actor("ubertool-directory", namespace=NAMESPACE).actor_name.remote(handle))
+    return ray.get(ray.get_actor(name, namespace=NAMESPACE).where.remote())
 
 
 def pool() -> dict[str, int]:

@@ -208,11 +208,16 @@ async def test_a_stdio_front_end_keeps_its_connection_s_session(cluster: RayClus
     assert second["value"] == "'stdio'" and second["session"] == first["session"]
 
 
-async def test_a_principal_at_its_cap_gives_up_its_longest_idle_session(front_ends: list[str]) -> None:
+async def test_a_principal_at_its_cap_gives_up_its_longest_idle_session(
+        cluster: RayCluster, front_ends: list[str]) -> None:
     async with Client(front_ends[0], timeout=120) as client:
-        handles = [(await call(client, f"n = {n}"))["session"] for n in range(CAP + 1)]  # each a new one
+        handles = [(await call(client, f"n = {n}"))["session"] for n in range(CAP)]  # each a new one
+        saved_folders(cluster, handles[0])
+        handles.append((await call(client, f"n = {CAP}"))["session"])
         gone = await call(client, "n", session=handles[0])
         assert "no open session" in gone["message"], gone
+        with cluster.journal() as journal:  # what it saved went with it
+            assert journal.get_image(f"{handles[0]}.json") is None
         for n, handle in enumerate(handles[1:], 1):  # the cluster-wide count: over both nodes
             assert (await call(client, "n", session=handle))["value"] == str(n)
 

@@ -20,9 +20,11 @@ What lives where:
 
 Node loss: a call that finds the actor dead asks the directory to restore the session on
 another node. With `[sessions] persist`, each actor saves its session when it rests (image,
-workspace and private root, sealed: `persist`) in the store beside the journal; a new actor
-of the same name resumes from the latest save and replays only the cells after it. Without a
-save of the session's current run, it replays every completed cell from the journal. Replayed
+workspace and private root, sealed: `persist`) in the store beside the journal; a warm actor
+on another node (a new one when there is none) takes the session up, resuming from the latest
+save and replaying only the cells after it; without a save of the session's current run, it
+replays every completed cell from the journal. That actor keeps its own name: the directory
+maps the handle to it, and front ends learn the name from it. Replayed
 cells are answered from their recorded exchanges (nothing outside happens twice), and the call
 is answered with what happened. The journal and the store must be reachable from every node
 (one machine's nodes share its state folder; across machines, PostgreSQL, and the same
@@ -70,7 +72,6 @@ DIRECTORY = "ubertool-directory"
 ACTOR_OVERHEAD_BYTES = 256 * 2**20
 CANCEL_WAIT_S = 30.0  # how long a cancelled call waits for the actor to stop the cell and restore
 LOST = "the loss of its node"  # what a session restored on another node was resumed after
-RENAME_WAIT_S = 60.0  # how long a restore waits for Ray to free a lost actor's name
 REFILL_EVERY_S = 1.0
 START_WAIT_S = 120.0  # a session actor not started by then (no node with room, after all) is ended
 
@@ -200,6 +201,25 @@ class SessionHost:
         run.audit.event("session_restored", session=self.handle, **facts)
         return facts
 
+    async def adopt(self, handle: str, run_id: str, owner: str) -> dict[str, Any]:
+        """Take up `owner`'s session `handle` (its run `run_id`), lost with its node: this warm
+        session's own run is closed and the lost one resumed in its place (see `start`). What
+        `start` returns.
+
+        Raises:
+            SessionError: this session is not free (claimed meanwhile).
+            SandboxStartError: the sandbox could not be set up.
+        """
+        live = self._live
+        if live is None or live.principal:
+            raise SessionError(f"session {self.handle} is not free")
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await self.close(f"its actor takes up session {handle}, lost with its node")
+        self._stack = AsyncExitStack()
+        self.handle = handle
+        return await self.start(run_id, owner)
+
     async def claim(self, principal: str) -> str:
         """Give this warm session to `principal`; its run id.
 
@@ -297,10 +317,10 @@ class SessionHost:
         live, self._live = self._live, None
         if live is not None:
             live.run.audit.event("session_close", session=self.handle, reason=reason)
-            await self._stack.aclose()
-            if self._store is not None:
+            if self._store is not None:  # before the stack closes the journal it may sit in
                 with contextlib.suppress(OSError, JournalError):
                     await anyio.to_thread.run_sync(self._store.delete, self.handle)
+            await self._stack.aclose()
 
 
 class Directory:
@@ -314,8 +334,11 @@ class Directory:
         self._bytes = session_bytes(policy)
         self._sessions: dict[str, tuple[str, str]] = {}  # handle -> (owner, current run id)
         self._given: dict[str, float] = {}  # handle -> when it was given out (monotonic)
-        self._placed: dict[str, str] = {}  # handle -> node id, for every actor made (warm or claimed)
-        self._ready: dict[str, list[str]] = {}  # node id -> warm sessions' handles, oldest first
+        self._placed: dict[str, str] = {}  # actor name -> node id, for every actor made (warm or claimed)
+        self._ready: dict[str, list[str]] = {}  # node id -> warm actors' names, oldest first
+        # A session's actor is named by its handle, except when restored after a lost node: then
+        # a warm actor (of another name) took it up.
+        self._hosts: dict[str, str] = {}  # handle -> its actor's name, where they differ
         self._locks: dict[str, asyncio.Lock] = {}  # handle -> held while it is restored
         self._taking: dict[str, asyncio.Lock] = {}  # principal -> held while it takes a session
         self._total: dict[str, float] = {}  # alive node id -> its Ray memory (see `_refresh`)
@@ -374,7 +397,8 @@ class Directory:
         idle: dict[str, float] = {}
         for handle in own:
             try:
-                idle_s = await asyncio.wait_for(_actor(handle, self.cluster.namespace).idle_s.remote(), 5)
+                host = _actor(self._hosts.get(handle, handle), self.cluster.namespace)
+                idle_s = await asyncio.wait_for(host.idle_s.remote(), 5)
             except (ValueError, *_ray_errors(), TimeoutError):  # lost with its node, or not answering
                 idle_s = float("inf")
             if idle_s is not None:
@@ -385,15 +409,18 @@ class Directory:
                                "have, or call again when a cell has finished.")
         victim = max(idle, key=idle.__getitem__)
         with contextlib.suppress(ValueError, *_ray_errors(), TimeoutError):
-            host = _actor(victim, self.cluster.namespace)
+            host = _actor(self._hosts.get(victim, victim), self.cluster.namespace)
             await asyncio.wait_for(host.close.remote(f"evicted: the least recently used idle session of "
                                                      f"its principal ({why})"), 30)
         await self.closed(victim)
 
-    async def restore(self, handle: str, principal: str) -> dict[str, Any]:
-        """Bring back `principal`'s session `handle`, whose actor is gone, on a live node by
-        replaying its cells from the journal; what happened (`restored` False when another
-        front end restored it already).
+    async def locate(self, handle: str, principal: str) -> dict[str, Any]:
+        """Where `principal`'s session `handle` runs: its actor's name (a session restored after
+        a lost node runs in an actor of another name), and, when its actor was gone and this
+        call brought it back, what happened (`report`; None when it was alive).
+
+        A lost session is restored on another node, in a warm actor when one is there (its
+        process is started: the restore then costs what the resume does), else in a new one.
 
         Raises:
             SessionError: `handle` is not `principal`'s session, or no node has room.
@@ -402,31 +429,43 @@ class Directory:
         if owner != principal:
             raise _unknown(handle)
         async with self._locks.setdefault(handle, asyncio.Lock()):
-            import ray
+            name = self._hosts.get(handle, handle)
             with contextlib.suppress(ValueError, *_ray_errors(), TimeoutError):
-                node = await asyncio.wait_for(_actor(handle, self.cluster.namespace).where.remote(), 5)
-                return {"restored": False, "node": node}
-            lost = self._placed.pop(handle, None)
+                node = await asyncio.wait_for(_actor(name, self.cluster.namespace).where.remote(), 5)
+                return {"actor": name, "node": node, "report": None}
+            lost = self._placed.pop(name, None)
             self._refresh()
-            deadline = time.monotonic() + RENAME_WAIT_S
-            while True:  # Ray frees the name once it has marked the lost node dead
-                try:
-                    host = self._host(handle, self._pick(warm=False, avoid=lost))
-                    break
-                except ValueError:
-                    if time.monotonic() > deadline:
-                        raise SessionError(f"session {handle} was lost with its node and Ray has not "
-                                           "released its name; call again later") from None
-                    await asyncio.sleep(0.2)
-            try:
-                info = await host.start.remote(run_id, principal)
-            except _ray_errors() as exc:
-                ray.kill(host)
-                raise SessionError(f"session {handle} could not be restored: {_cause(exc)}") from None
-            self._placed[handle] = info["node"]
+            name, info = await self._resume_elsewhere(handle, run_id, principal, lost)
+            self._hosts[handle] = name
+            self._placed[name] = info["node"]
             self._sessions[handle] = (principal, info["run"])
             self._given[handle] = time.monotonic()  # its lifetime starts again, as the actor's does
-            return {"restored": True, "node": info["node"], "lost_node": lost, "report": info["restored"]}
+            return {"actor": name, "node": info["node"], "lost_node": lost, "report": info["restored"]}
+
+    async def _resume_elsewhere(self, handle: str, run_id: str, principal: str,
+                                lost: str | None) -> tuple[str, dict[str, Any]]:
+        """Resume session `handle` (run `run_id`) in a warm actor off the node `lost`, else in a
+        new one; the actor's name and what its `start` said.
+
+        Raises:
+            SessionError: no node has room, or the resume failed.
+        """
+        import ray
+        from ray.exceptions import RayTaskError
+        for _ in range(3):  # a warm actor may be on a node lost too (Ray has not said so yet)
+            node = self._pick(warm=True, avoid=lost)
+            name = self._ready[node].pop(0) if node else await self._make(self._pick(warm=False, avoid=lost))
+            self._wake.set()  # refill
+            host = _actor(name, self.cluster.namespace)
+            try:
+                return name, await host.adopt.remote(handle, run_id, principal)
+            except _ray_errors() as exc:
+                ray.kill(host)
+                self._placed.pop(name, None)
+                if isinstance(exc, RayTaskError) and not isinstance(_cause(exc), SessionError):
+                    raise SessionError(f"session {handle} could not be restored: {_cause(exc)}") from None
+                self._refresh()  # its actor died (its node too?), or was not free: another one
+        raise SessionError(f"session {handle} could not be restored: its new nodes were lost too; call again")
 
     async def knows(self, handle: str) -> bool:
         """Whether `handle` is a session this directory gave out and has not seen closed."""
@@ -435,12 +474,14 @@ class Directory:
     async def closed(self, handle: str) -> None:
         """A session closed itself (expired): forget it and end its actor."""
         import ray
+        name = self._hosts.get(handle, handle)
         self._forget(handle)
         with contextlib.suppress(ValueError):
-            ray.kill(_actor(handle, self.cluster.namespace))
+            ray.kill(_actor(name, self.cluster.namespace))
 
     def _forget(self, handle: str) -> None:
-        for table in (self._sessions, self._placed, self._given, self._locks):
+        self._placed.pop(self._hosts.pop(handle, handle), None)
+        for table in (self._sessions, self._given, self._locks):
             table.pop(handle, None)
 
     def _forget_old(self) -> None:
@@ -449,6 +490,10 @@ class Directory:
         cutoff = time.monotonic() - self.policy.limits.session_lifetime_s
         for handle in [h for h, given in self._given.items() if given < cutoff]:
             self._forget(handle)
+
+    async def actor_name(self, handle: str) -> str:
+        """The name of session `handle`'s actor (for tests and benchmarks)."""
+        return self._hosts.get(handle, handle)
 
     async def pool(self) -> dict[str, int]:
         """Warm sessions per node id (for tests and benchmarks)."""
@@ -476,15 +521,16 @@ class Directory:
         return total
 
     def _pick(self, *, warm: bool, avoid: str | None = None) -> str | None:
-        """The node with the most memory left: among those with a warm session (`warm`), else
-        among those with room for one more (None when `warm` finds no warm session).
+        """The node with the most memory left, other than `avoid`: among those with a warm
+        session (`warm`), else among those with room for one more (None when `warm` finds no
+        warm session).
 
         Raises:
             SessionError: not `warm`, and no node has room.
         """
         free = self._nodes()
         if warm:
-            nodes = [n for n in free if self._ready.get(n)]
+            nodes = [n for n in free if self._ready.get(n) and n != avoid]
             return max(nodes, key=free.__getitem__) if nodes else None
         nodes = [n for n, left in free.items() if left >= self._bytes and n != avoid]
         if not nodes:
@@ -587,6 +633,7 @@ class RaySessions(CallScopes):
         self._on_event = on_event or (lambda kind, **fields: None)
         self._directory: Any = None
         self._keyed: dict[tuple[str, str], str] = {}  # a connection's own session (stdio, Mcp-Session-Id)
+        self._names: dict[str, str] = {}  # handle -> its actor's name, where they differ (restored)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RaySessions]:
@@ -646,9 +693,15 @@ class RaySessions(CallScopes):
             if key is not None:
                 self._keyed[(principal, key)] = handle
         try:
-            actor = _actor(handle, self.cluster.namespace)
-        except ValueError:
-            return await self._restore(handle, principal)  # unknown unless it is a lost session of yours
+            actor = _actor(self._names.get(handle, handle), self.cluster.namespace)
+        except ValueError:  # unknown unless it is a session of yours: restored before, or lost now
+            info = await self._locate(handle, principal)
+            if info["report"] is not None:
+                return self._restored(handle, principal, info)
+            try:
+                actor = _actor(info["actor"], self.cluster.namespace)
+            except ValueError:  # lost again meanwhile
+                return await self._restore(handle, principal)
         from ray.exceptions import RayActorError
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the span of this MCP call, for the actor's spans to continue
@@ -680,9 +733,26 @@ class RaySessions(CallScopes):
                     await ref
             raise
 
+    async def _locate(self, handle: str, principal: str) -> dict[str, Any]:
+        """Ask the directory where session `handle` runs (restoring it when it was lost); see
+        `Directory.locate`. The actor's name is kept for the next calls."""
+        try:
+            info = await self._remote(self._directory.locate.remote(handle, principal))
+        except SessionError:
+            self._names.pop(handle, None)
+            raise
+        if info["actor"] != handle:
+            self._names[handle] = info["actor"]
+        return info
+
     async def _restore(self, handle: str, principal: str) -> ToolResult:
-        """Have the directory restore `handle` on another node; the call's answer saying so."""
-        info = await self._remote(self._directory.restore.remote(handle, principal))
+        """After the actor of `handle` died under a call: have it restored on another node (or
+        find it restored already); the call's answer saying so (its code is not run again: it
+        may have done part of its work before the node died)."""
+        return self._restored(handle, principal, await self._locate(handle, principal))
+
+    def _restored(self, handle: str, principal: str, info: dict[str, Any]) -> ToolResult:
+        """The answer to a call that found its session's node lost (see `_restore`)."""
         self._on_event("session_restored", session=handle, principal=principal, node=info["node"],
                        lost_node=info.get("lost_node"), restored=info.get("report"))
         report = info.get("report")
