@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 from conftest import VENV_BIN, cli_env, ubertool_command
 from fastmcp import Client
@@ -296,3 +297,29 @@ def test_the_cluster_recipe_names_real_commands_and_options() -> None:
             assert option in listed, f"{line}: {words[0]} {words[1]} has no option {option}"
         checked += 1
     assert checked == 4
+
+
+# -- every `ubertool ...` a sentence names (README, SECURITY): its commands exist, and so do its
+# options (`a|b` is either; `[...]` marks what is optional; capitals are placeholders).
+
+def _inline_commands() -> list[str]:
+    text = "".join((ROOT / name).read_text() for name in ("README.md", "SECURITY.md"))
+    return sorted(set(re.findall(r"`(ubertool [^`]*)`", text)))
+
+
+def test_each_inline_ubertool_command_names_real_commands_and_options() -> None:
+    from ubertool.runtime.cli import main
+
+    spans = _inline_commands()
+    assert len(spans) >= 10
+    for span in spans:
+        words = span.replace("[", " ").replace("]", " ").split()[1:]
+        commands: list[click.Command] = [main]
+        while words and isinstance(commands[0], click.Group) and not words[0].startswith("-"):
+            names = words.pop(0).split("|")
+            found = [group.commands.get(name) for group in commands for name in names]
+            assert all(found), f"{span}: no command {'|'.join(names)}"
+            commands = [command for command in found if command is not None]
+        for option in (w.split("=")[0] for w in words if w.startswith("-") and w != "-"):
+            for command in commands:
+                assert option in {o for p in command.params for o in p.opts}, f"{span}: no option {option}"
