@@ -27,11 +27,9 @@ Run: .venv/bin/python bench/cluster.py
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +43,9 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).parent))
 from table import record
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from ray_nodes import kill_group, start_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin"
@@ -79,27 +80,8 @@ anyio.run(main)
 
 
 def ray(*args: str, env: dict[str, str]) -> int:
-    """Run `ray ARGS` as the leader of a new process group (what it starts stays in that group);
-    the group's id."""
-    proc = subprocess.Popen([str(BIN / "ray"), *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    _, err = proc.communicate(timeout=180)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ray {args[0]} failed: {err.decode(errors='replace')[-2000:]}")
-    return proc.pid
-
-
-def kill_group(pgid: int) -> None:
-    """SIGKILL process group `pgid` and every process descended from it (Ray puts its actors'
-    worker processes in process groups of their own): a node lost at once."""
-    listing = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True, check=True)
-    table = [[int(field) for field in line.split()] for line in listing.stdout.splitlines()]
-    doomed = {pid for pid, _, group in table if group == pgid}
-    while grown := {pid for pid, ppid, _ in table if ppid in doomed} - doomed:
-        doomed |= grown
-    for pid in doomed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    """`ray ARGS` in a process group of its own; the group's id."""
+    return start_ray(BIN / "ray", *args, env=env)
 
 
 @dataclass

@@ -7,12 +7,10 @@ folders, one by replay (its saved folders tampered with)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -27,6 +25,7 @@ from conftest import VENV_BIN, cli_env, ubertool_command
 from fastmcp import Client
 from fastmcp.client.transports import StdioTransport
 from postgres import Postgres
+from ray_nodes import kill_group, start_ray
 from servers import free_port, start_http_server
 
 from ubertool.runtime.journal import Journal
@@ -59,7 +58,7 @@ class RayCluster:
     address: str
     home: Path
     policy: Path
-    worker: subprocess.Popen[bytes]  # `ray start` of the worker node, leader of its process group
+    worker: int  # the worker node's process group (see ray_nodes)
     env: dict[str, str]
     journal_url: str
 
@@ -68,25 +67,12 @@ class RayCluster:
 
     def kill_worker(self) -> None:
         """The worker node dies: its raylet and every process it started (SIGKILL), the actors'
-        worker processes included (Ray puts those in process groups of their own)."""
-        listing = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True,
-                                 check=True)
-        table = [line.split() for line in listing.stdout.splitlines()]
-        doomed = {int(pid) for pid, _, pgid in table if int(pgid) == self.worker.pid}
-        while grown := {int(pid) for pid, ppid, _ in table if int(ppid) in doomed} - doomed:
-            doomed |= grown
-        for pid in doomed:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        worker processes included."""
+        kill_group(self.worker)
 
 
-def _ray(*args: str, env: dict[str, str], new_group: bool = False) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([str(VENV_BIN / "ray"), *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=new_group)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ray {args[0]} failed: {err.decode(errors='replace')[-2000:]}")
-    return proc
+def _ray(*args: str, env: dict[str, str]) -> int:
+    return start_ray(VENV_BIN / "ray", *args, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +88,17 @@ def cluster(postgres: Postgres) -> Iterator[RayCluster]:
     env = cli_env(UBERTOOL_HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
     port = free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    groups = []
     try:
-        _ray("start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
-             str(scratch / "ray"), "--memory", str(HEAD_MEMORY), f"--system-config={FAST_DETECTION}",
-             *common, env=env)
-        worker = _ray("start", "--address", f"127.0.0.1:{port}", "--memory", str(WORKER_MEMORY), *common,
-                      env=env, new_group=True)
-        yield RayCluster(f"127.0.0.1:{port}", home, policy, worker, env, url)
+        groups.append(_ray("start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
+                           str(scratch / "ray"), "--memory", str(HEAD_MEMORY),
+                           f"--system-config={FAST_DETECTION}", *common, env=env))
+        groups.append(_ray("start", "--address", f"127.0.0.1:{port}", "--memory", str(WORKER_MEMORY),
+                           *common, env=env))
+        yield RayCluster(f"127.0.0.1:{port}", home, policy, groups[1], env, url)
     finally:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for group in reversed(groups):  # this cluster's processes only: not `ray stop`
+            kill_group(group)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
