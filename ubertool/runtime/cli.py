@@ -410,7 +410,7 @@ def check(file: str | None, policy_path: str | None) -> None:
 
 def _package_problems(checked: Policy) -> list[str]:
     """The policy's packages resolved (fetched unless cached): one line per problem."""
-    from ubertool.runtime.home import cache_home
+    from ubertool.tools.files import cache_home
     from ubertool.tools.packages import PackageCache, PackageError, cache_folder_of
 
     if not checked.packages.allow:
@@ -438,7 +438,7 @@ def packages() -> None:
 
 
 def _package_cache(policy_path: str | None, *, offline: bool = False) -> tuple[Policy, Any]:
-    from ubertool.runtime.home import cache_home
+    from ubertool.tools.files import cache_home
     from ubertool.tools.packages import PackageCache, cache_folder_of
 
     def progress(kind: str, **fields: Any) -> None:
