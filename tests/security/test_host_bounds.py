@@ -83,7 +83,11 @@ def test_the_spool_keeps_each_content_once_and_drops_an_unfinished_body(tmp_path
     assert again == first and again.offset == first.offset
     assert (first.read(), second.read()) == (b"a" * 1000, b"c" * 10)
     assert [p.stat().st_size for p in spool.folder.iterdir()] == [1010]
-    spool.close()
+    with pytest.raises((OSError, ValueError)), spool.writer() as late:  # a cell stopped mid-fetch
+        late.write(b"d" * 10)
+        spool.close()  # does not wait for the writer
+        late.write(b"d" * 10)
+        late.done()
     assert not spool.folder.exists()
 
 

@@ -93,15 +93,22 @@ class Spool:
             writer.write(data)
             return writer.done()
 
-    def _finish(self, start: int, size: int, digest: str | None) -> Body | None:
-        """A writer's end (its lock released): its body kept (`digest`), or dropped (None)."""
-        assert self._file is not None
+    def _finish(self, file: BinaryIO, start: int, size: int, digest: str | None) -> Body | None:
+        """A writer's end (its lock released): its body kept (`digest`), or dropped (None).
+
+        Raises:
+            OSError: the spool was closed while the body was written; nothing is kept.
+        """
         try:
+            if file is not self._file:
+                if digest is None:
+                    return None
+                raise OSError(f"the spool {self.folder} was closed while a body was written")
             kept = self._kept.get(digest) if digest is not None else None
             if digest is None or kept is not None:  # dropped, or the same content kept before
-                self._file.truncate(start)
+                file.truncate(start)
                 return kept
-            self._file.flush()
+            file.flush()
             self._end = start + size
             self._kept[digest] = Body(digest, size, self.path, start)
             return self._kept[digest]
@@ -109,12 +116,13 @@ class Spool:
             self._lock.release()
 
     def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-            self._kept.clear()
-            self._end = 0
+        """Remove the spool and its bodies. Never waits for a writer: one still streaming (a
+        cell stopped in the middle of a fetch) fails (ValueError or OSError) and keeps nothing."""
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+        self._kept.clear()
+        self._end = 0
         for entry in self.folder.glob("*") if self.folder.is_dir() else ():
             entry.unlink(missing_ok=True)
         if self.folder.is_dir():
@@ -142,7 +150,7 @@ class SpoolWriter:
         """The body, kept (once per content: a repeat is the body kept before)."""
         if self._open:
             self._open = False
-            self._body = self._spool._finish(self._start, self.size, self._hash.hexdigest())
+            self._body = self._spool._finish(self._file, self._start, self.size, self._hash.hexdigest())
         assert self._body is not None
         return self._body
 
@@ -152,7 +160,7 @@ class SpoolWriter:
     def __exit__(self, *exc: object) -> None:
         if self._open:
             self._open = False
-            self._spool._finish(self._start, self.size, None)
+            self._spool._finish(self._file, self._start, self.size, None)
 
 
 @dataclass(frozen=True)
