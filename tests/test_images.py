@@ -3,6 +3,10 @@ the fallback to replay when the private layer's self-test fails. Real sandbox th
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -404,3 +408,28 @@ def test_the_soft_interrupt_self_test_sends_only_once_the_guest_loops(
     addr = images.soft_check()[0]
     assert addr is not None
     assert images._live_interrupt(addr) is addr  # raises when the interrupt came too soon
+
+
+def _soft_check_in_a_new_process(cache: Path) -> str:
+    """`soft_check()`'s answer in a fresh process whose cache folder is `cache`: '' when soft
+    interrupts are on, else why not."""
+    code = "from ubertool.sandbox import images; print(images.check() or images.soft_check()[1])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "UBERTOOL_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_soft_interrupt_addresses_are_kept_per_module_and_still_checked_live(tmp_path: Path) -> None:
+    assert _soft_check_in_a_new_process(tmp_path) == ""
+    [kept] = (tmp_path / "sandbox").iterdir()
+    found = json.loads(kept.read_text())
+    assert len(found) == 5 and kept.stat().st_mode & 0o077 == 0
+    assert _soft_check_in_a_new_process(tmp_path) == ""  # from the kept file
+    # A kept file that is not five words with one bit is found again from the module.
+    kept.write_text(json.dumps([*found[:3], 3, found[4]]))
+    assert _soft_check_in_a_new_process(tmp_path) == ""
+    assert json.loads(kept.read_text()) == found
+    # Words of the right shape at the wrong places: the live check turns soft interrupts off.
+    kept.write_text(json.dumps([0, 0, 0, 8, 0]))
+    assert "KeyboardInterrupt did not reach" in _soft_check_in_a_new_process(tmp_path)

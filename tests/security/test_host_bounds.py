@@ -1,6 +1,6 @@
 """What a guest can make the host hold stays bounded: reads of a mount are sent and recorded once
-per run, bodies are kept once (in the journal as content-addressed BLOBs, in the run as spool
-files), and the journal is pruned."""
+per run, bodies are kept once (in the journal as content-addressed BLOBs, in the run's one spool
+file), and the journal is pruned."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ubertool.runtime.policy import load_policy
 from ubertool.runtime.runs import open_run
 from ubertool.sandbox import Status
 from ubertool.sandbox.quota import used_bytes
+from ubertool.tools.recorder import Spool
 
 pytestmark = pytest.mark.anyio
 MIB = 2**20
@@ -69,6 +70,25 @@ async def test_repeated_reads_are_sent_recorded_and_journaled_once(api: tuple[st
         assert journal.cells(run_id)[0].exchanges[0].response["body"] == state.files["/big.bin"]
     assert journal_path.stat().st_size < 3 * MIB
     assert not spool.exists()  # removed with the run
+
+
+def test_the_spool_keeps_each_content_once_and_drops_an_unfinished_body(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "bodies")
+    first = spool.put(b"a" * 1000)
+    with pytest.raises(RuntimeError), spool.writer() as dropped:  # e.g. over max_bytes mid-stream
+        dropped.write(b"b" * 5000)
+        raise RuntimeError
+    second = spool.put(b"c" * 10)
+    again = spool.put(b"a" * 1000)
+    assert again == first and again.offset == first.offset
+    assert (first.read(), second.read()) == (b"a" * 1000, b"c" * 10)
+    assert [p.stat().st_size for p in spool.folder.iterdir()] == [1010]
+    with pytest.raises((OSError, ValueError)), spool.writer() as late:  # a cell stopped mid-fetch
+        late.write(b"d" * 10)
+        spool.close()  # does not wait for the writer
+        late.write(b"d" * 10)
+        late.done()
+    assert not spool.folder.exists()
 
 
 async def test_a_write_makes_the_next_read_ask_again_and_restore_sees_each_version(

@@ -37,7 +37,7 @@ from ubertool.runtime.runs import open_run
 from ubertool.runtime.stores import JournalError
 from ubertool.runtime.telemetry import telemetry
 from ubertool.runtime.warmup import warm_with_progress
-from ubertool.sandbox import SandboxStartError
+from ubertool.sandbox import SandboxStartError, warm_beside
 
 POLICY_HELP = "The policy file (TOML). Default: the embedded policy (only a workspace)."
 
@@ -163,6 +163,7 @@ def serve(policy_path: str | None, transport: str, host: str, port: int, allow_h
     policy section, its bearer token. SIGINT or SIGTERM stops the server cleanly (exit 0).
     With --cluster, sessions live on a Ray cluster and outlive this server.
     """
+    warm_beside()  # the module load and self-tests go on while the server's modules import
     from ubertool.runtime.cluster import Cluster
     from ubertool.runtime.frontdoor import FrontDoor, FrontDoorError
     from ubertool.runtime.policy import ServerToken
@@ -410,7 +411,7 @@ def check(file: str | None, policy_path: str | None) -> None:
 
 def _package_problems(checked: Policy) -> list[str]:
     """The policy's packages resolved (fetched unless cached): one line per problem."""
-    from ubertool.runtime.home import cache_home
+    from ubertool.tools.files import cache_home
     from ubertool.tools.packages import PackageCache, PackageError, cache_folder_of
 
     if not checked.packages.allow:
@@ -438,7 +439,7 @@ def packages() -> None:
 
 
 def _package_cache(policy_path: str | None, *, offline: bool = False) -> tuple[Policy, Any]:
-    from ubertool.runtime.home import cache_home
+    from ubertool.tools.files import cache_home
     from ubertool.tools.packages import PackageCache, cache_folder_of
 
     def progress(kind: str, **fields: Any) -> None:

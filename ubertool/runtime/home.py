@@ -23,17 +23,6 @@ def state_home() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "ubertool"
 
 
-def cache_home() -> Path:
-    """ubertool's cache folder (not created here): `$UBERTOOL_CACHE`, else
-    `$XDG_CACHE_HOME/ubertool`, else `~/.cache/ubertool`. It holds what can be fetched again
-    (package wheels); parts of it are granted read-only to guests, so it never holds state."""
-    explicit = os.environ.get("UBERTOOL_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "ubertool"
-
-
 def state_folder(*parts: str) -> Path:
     """`<state folder>/<parts...>`, the state folder and each part made owner-only (0700) if
     missing (the state folder's own parents are made as usual).

@@ -46,7 +46,7 @@ from ubertool.runtime.runs import Resumed, Run
 from ubertool.runtime.stores import SqliteStore
 from ubertool.sandbox import PastCell, Resume, Status
 from ubertool.sandbox.result import COMPLETED
-from ubertool.tools.files import open_private, remove_tree
+from ubertool.tools.files import open_private, remove_tree, write_whole
 
 log = logging.getLogger("ubertool.runtime")
 
@@ -98,7 +98,7 @@ class FolderShelf:
         self.folder = folder
 
     def put(self, name: str, data: bytes) -> None:
-        _write(self.folder / name, data)
+        write_whole(self.folder / name, data)
 
     def get(self, name: str) -> bytes | None:
         try:
@@ -281,21 +281,6 @@ def _binding(record: Record) -> dict[str, object]:
     an earlier save at the same position too (the session's clock tells saves apart)."""
     return {"handle": record.handle, "run_id": record.run_id, "owner": record.owner,
             "through": record.through, "next_cell": record.next_cell, "clock_ns": record.clock_ns}
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a 0600 temporary beside it, renamed into place."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = open_private(temporary, os.O_WRONLY | os.O_EXCL)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _load_key(path: Path) -> bytes:

@@ -24,7 +24,7 @@ from ubertool.playbooks.dump import dump, write_playbook
 from ubertool.playbooks.format import PlaybookError
 from ubertool.runtime.about import about_text
 from ubertool.runtime.audit import AuditLog, code_hash
-from ubertool.runtime.home import cache_home, state_folder
+from ubertool.runtime.home import state_folder
 from ubertool.runtime.journal import Journal, JournalCell
 from ubertool.runtime.policy import DirMount, Policy
 from ubertool.runtime.stores import JournalError
@@ -44,7 +44,7 @@ from ubertool.sandbox import (
 from ubertool.tools import ToolFailure
 from ubertool.tools.browser import BrowserBroker
 from ubertool.tools.credentials import CredentialBroker
-from ubertool.tools.files import open_private, private_folder, remove_tree
+from ubertool.tools.files import cache_home, open_private, private_folder, remove_tree
 from ubertool.tools.mounts.http import HttpMount
 from ubertool.tools.packages import PACKAGES_GUEST, PackageBroker, PackageError, installs_in
 from ubertool.tools.programs import ProgramBroker

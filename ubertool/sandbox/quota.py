@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ubertool.tools.files import iter_tree
 
-from .beside import beside
+from .beside import Finish, beside
 
 POLL_S = 0.002
 MAX_POLL_S = 0.5
@@ -39,7 +39,7 @@ def used_bytes(folders: Sequence[Path]) -> int:
 class QuotaWatch:
     """A context manager around one cell's turn: while it runs, if `folders` hold more than
     `quota` bytes, `cancel` is set (the cell is stopped as a cancelled one) and `tripped` says
-    so. It only reads the folders."""
+    so; once the block is left, `tripped` is final. It only reads the folders."""
 
     def __init__(self, folders: Sequence[Path], quota: int, cancel: threading.Event) -> None:
         self.folders = tuple(folders)
@@ -47,18 +47,15 @@ class QuotaWatch:
         self.tripped = False
         self.started = time.time()
         self._cancel = cancel
-        self._done = threading.Event()
-        self._watched: threading.Event | None = None
+        self._done = Finish()
 
     def __enter__(self) -> QuotaWatch:
         self.started = time.time()
-        self._watched = beside(self._watch)
+        beside(self._watch)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
-        if self._watched is not None:
-            self._watched.wait()
 
     def _watch(self) -> None:
         interval = POLL_S
@@ -69,8 +66,10 @@ class QuotaWatch:
             except OSError:  # a tree deeper than the host walks: the check after the cell says so
                 return
             if over:
-                self.tripped = True
-                self._cancel.set()
+                with self._done.acting() as running:
+                    if running:
+                        self.tripped = True
+                        self._cancel.set()
                 return
             interval = min(MAX_POLL_S, max(POLL_S, 4 * (time.perf_counter() - began)))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -20,6 +21,17 @@ from pathlib import Path
 
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
+
+
+def cache_home() -> Path:
+    """ubertool's cache folder (not created here): `$UBERTOOL_CACHE`, else
+    `$XDG_CACHE_HOME/ubertool`, else `~/.cache/ubertool`. It holds what can be fetched again
+    (package wheels); parts of it are granted read-only to guests, so it never holds state."""
+    explicit = os.environ.get("UBERTOOL_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ubertool"
 
 
 def private_folder(path: Path) -> Path:
@@ -52,6 +64,25 @@ def open_private(path: Path, flags: int, mode: int = FILE_MODE) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a 0600 temporary beside it, synced, renamed into place.
+
+    Raises:
+        OSError: it cannot be written (the temporary is removed).
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = open_private(temporary, os.O_WRONLY | os.O_EXCL)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def iter_tree(root: Path) -> Iterator[os.DirEntry[str]]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ubertool.tools import ToolFailure
 from ubertool.tools.files import open_private, private_folder
@@ -36,36 +36,93 @@ Json = dict[str, Any]
 
 @dataclass(frozen=True)
 class Body:
-    """Bytes kept in a spool file instead of memory; equal when their content is."""
+    """Bytes kept in a spool file instead of memory (`size` bytes at `offset`); equal when
+    their content is."""
 
     sha256: str
     size: int
     path: Path = field(compare=False, repr=False)
+    offset: int = field(default=0, compare=False, repr=False)
 
     def read(self) -> bytes:
-        return self.path.read_bytes()
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            parts = []
+            done = 0
+            while done < self.size:  # a single pread may return less (over 2 GiB on Linux)
+                part = os.pread(fd, self.size - done, self.offset + done)
+                if not part:
+                    raise OSError(f"the spool file {self.path} ends before its body")
+                parts.append(part)
+                done += len(part)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        finally:
+            os.close(fd)
 
 
 class Spool:
-    """Content-addressed, owner-only files for a run's bodies (one file per distinct body);
-    the folder is made at first use and removed by `close`."""
+    """A run's bodies, each kept once by its content, in one owner-only file that only grows
+    (no file made per body: making one costs more than writing a MiB into it). The folder and
+    the file are made at first use and removed by `close`. Thread-safe: one body is written at
+    a time (a writer holds the spool until it is done or dropped)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.path = folder / "bodies"
         self._lock = threading.Lock()
+        self._file: BinaryIO | None = None
+        self._end = 0
+        self._kept: dict[str, Body] = {}
 
     def writer(self) -> SpoolWriter:
-        """A file to stream one body into; `SpoolWriter.done()` names it by its hash."""
-        with self._lock:
-            private_folder(self.folder)
-        return SpoolWriter(self)
+        """A place to stream one body into, at the end of the spool file; blocks while another
+        writer is open. `SpoolWriter.done()` names it by its hash."""
+        self._lock.acquire()
+        try:
+            if self._file is None:
+                private_folder(self.folder)
+                self._file = open(open_private(self.path, os.O_RDWR | os.O_EXCL), "r+b")  # noqa: SIM115
+            self._file.seek(self._end)
+            return SpoolWriter(self, self._file, self._end)
+        except BaseException:
+            self._lock.release()
+            raise
 
     def put(self, data: bytes) -> Body:
         with self.writer() as writer:
             writer.write(data)
             return writer.done()
 
+    def _finish(self, file: BinaryIO, start: int, size: int, digest: str | None) -> Body | None:
+        """A writer's end (its lock released): its body kept (`digest`), or dropped (None).
+
+        Raises:
+            OSError: the spool was closed while the body was written; nothing is kept.
+        """
+        try:
+            if file is not self._file:
+                if digest is None:
+                    return None
+                raise OSError(f"the spool {self.folder} was closed while a body was written")
+            kept = self._kept.get(digest) if digest is not None else None
+            if digest is None or kept is not None:  # dropped, or the same content kept before
+                file.truncate(start)
+                return kept
+            file.flush()
+            self._end = start + size
+            self._kept[digest] = Body(digest, size, self.path, start)
+            return self._kept[digest]
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
+        """Remove the spool and its bodies. Never waits for a writer: one still streaming (a
+        cell stopped in the middle of a fetch) fails (ValueError or OSError) and keeps nothing."""
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+        self._kept.clear()
+        self._end = 0
         for entry in self.folder.glob("*") if self.folder.is_dir() else ():
             entry.unlink(missing_ok=True)
         if self.folder.is_dir():
@@ -73,13 +130,15 @@ class Spool:
 
 
 class SpoolWriter:
-    """One body being written (a context manager; an unfinished body is removed)."""
+    """One body being written (a context manager: a body not `done()` is dropped)."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, file: BinaryIO, start: int) -> None:
         self._spool = spool
-        self._tmp = spool.folder / f".{os.urandom(8).hex()}.part"
-        self._file = open(open_private(self._tmp, os.O_WRONLY | os.O_EXCL), "wb")  # noqa: SIM115
+        self._file = file
+        self._start = start
         self._hash = hashlib.sha256()
+        self._body: Body | None = None
+        self._open = True
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
@@ -88,18 +147,20 @@ class SpoolWriter:
         self.size += len(chunk)
 
     def done(self) -> Body:
-        self._file.close()
-        digest = self._hash.hexdigest()
-        path = self._spool.folder / digest
-        self._tmp.replace(path)  # the same content: the same name, kept once
-        return Body(digest, self.size, path)
+        """The body, kept (once per content: a repeat is the body kept before)."""
+        if self._open:
+            self._open = False
+            self._body = self._spool._finish(self._file, self._start, self.size, self._hash.hexdigest())
+        assert self._body is not None
+        return self._body
 
     def __enter__(self) -> SpoolWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        if self._open:
+            self._open = False
+            self._spool._finish(self._file, self._start, self.size, None)
 
 
 @dataclass(frozen=True)
