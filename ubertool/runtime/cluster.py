@@ -397,7 +397,7 @@ class Directory:
         idle: dict[str, float] = {}
         for handle in own:
             try:
-                host = _actor(self._hosts.get(handle, handle), self.cluster.namespace)
+                host = _actor(await self.actor_name(handle), self.cluster.namespace)
                 idle_s = await asyncio.wait_for(host.idle_s.remote(), 5)
             except (ValueError, *_ray_errors(), TimeoutError):  # lost with its node, or not answering
                 idle_s = float("inf")
@@ -409,7 +409,7 @@ class Directory:
                                "have, or call again when a cell has finished.")
         victim = max(idle, key=idle.__getitem__)
         with contextlib.suppress(ValueError, *_ray_errors(), TimeoutError):
-            host = _actor(self._hosts.get(victim, victim), self.cluster.namespace)
+            host = _actor(await self.actor_name(victim), self.cluster.namespace)
             await asyncio.wait_for(host.close.remote(f"evicted: the least recently used idle session of "
                                                      f"its principal ({why})"), 30)
         await self.closed(victim)
@@ -429,7 +429,7 @@ class Directory:
         if owner != principal:
             raise _unknown(handle)
         async with self._locks.setdefault(handle, asyncio.Lock()):
-            name = self._hosts.get(handle, handle)
+            name = await self.actor_name(handle)
             with contextlib.suppress(ValueError, *_ray_errors(), TimeoutError):
                 node = await asyncio.wait_for(_actor(name, self.cluster.namespace).where.remote(), 5)
                 return {"actor": name, "node": node, "report": None}
@@ -474,7 +474,7 @@ class Directory:
     async def closed(self, handle: str) -> None:
         """A session closed itself (expired): forget it and end its actor."""
         import ray
-        name = self._hosts.get(handle, handle)
+        name = await self.actor_name(handle)
         self._forget(handle)
         with contextlib.suppress(ValueError):
             ray.kill(_actor(name, self.cluster.namespace))
@@ -492,7 +492,7 @@ class Directory:
             self._forget(handle)
 
     async def actor_name(self, handle: str) -> str:
-        """The name of session `handle`'s actor (for tests and benchmarks)."""
+        """The name of session `handle`'s actor (the handle, unless a warm actor took it up)."""
         return self._hosts.get(handle, handle)
 
     async def pool(self) -> dict[str, int]:
