@@ -289,14 +289,14 @@ def test_the_store_refuses_what_was_changed(tmp_path: Path) -> None:
     store.save(record, b"memory" * 1000, b"folders" * 100)
     assert store.record(record.handle) == record
     assert store.image(record) == (b"memory" * 1000, "")
-    assert store.image(record, b"files") == (b"folders" * 100, "")
+    assert store.files(record) == (b"folders" * 100, "")
     # Folders sealed as an image (or the other way round) are not taken for one.
     files = tmp_path / "sessions" / f"{record.handle}.files"
     sealed_files = files.read_bytes()
     files.write_bytes((tmp_path / "sessions" / f"{record.handle}.image").read_bytes())
-    assert store.image(record, b"files")[0] is None
+    assert store.files(record)[0] is None
     _flip_a_byte_in(files, sealed_files, len(sealed_files) // 2)
-    assert "MAC does not match" in store.image(record, b"files")[1]
+    assert "MAC does not match" in store.files(record)[1]
     store.save(record, b"memory" * 1000)  # saved without folders: older ones are not kept
     assert not files.exists()
     image = tmp_path / "sessions" / f"{record.handle}.image"
@@ -335,7 +335,7 @@ def test_blobs_of_one_save_are_not_taken_with_another_at_the_same_position(tmp_p
     store.save(newer, b"memory" * 1000, b"new folders" * 100)
     for kind, blob in stale.items():
         (saved / f"{older.handle}.{kind}").write_bytes(blob)
-        assert store.image(newer, kind.encode())[0] is None, kind
+        assert getattr(store, kind)(newer)[0] is None, kind
 
 def test_the_store_names_files_only_by_a_handle(tmp_path: Path) -> None:
     (tmp_path / "sessions").mkdir(mode=0o700)

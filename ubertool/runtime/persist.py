@@ -197,9 +197,16 @@ class SessionStore:
             log.warning("the saved record of session %s was refused: malformed", handle)
             raise RecordRefused(f"it is malformed ({type(exc).__name__})") from None
 
-    def image(self, record: Record, kind: bytes = b"image") -> tuple[bytes | None, str]:
-        """The image (or with `kind` b"files", the folders) saved with `record` and '', or None
-        and why there is none to use (a refusal is also logged). Blocks (decompression)."""
+    def image(self, record: Record) -> tuple[bytes | None, str]:
+        """The image saved with `record` and '', or None and why there is none to use (a
+        refusal is also logged). Blocks (decompression)."""
+        return self._blob(record, b"image")
+
+    def files(self, record: Record) -> tuple[bytes | None, str]:
+        """The folders saved with `record`, as `image`."""
+        return self._blob(record, b"files")
+
+    def _blob(self, record: Record, kind: bytes) -> tuple[bytes | None, str]:
         signed = self.shelf.get(self._name(record.handle, "." + kind.decode()))
         if signed is None:
             return None, ""
@@ -349,7 +356,7 @@ async def load_session(store: SessionStore, journal: Journal, handle: str, princ
     image, note = await anyio.to_thread.run_sync(store.image, record)
     files = None
     if moved and image is not None:
-        files, note = await anyio.to_thread.run_sync(store.image, record, b"files")
+        files, note = await anyio.to_thread.run_sync(store.files, record)
     cells = tuple(journal.cells(record.run_id))
     history = tuple(PastCell(c.number, c.code, True, Status(c.status), c.exchanges, c.duration_s)
                     for c in cells if c.status in COMPLETED)
