@@ -269,9 +269,10 @@ class SessionHost:
         return _node_id()
 
     async def idle_s(self) -> float | None:
-        """How long this session has been idle; None while it runs a call, or when it is closed."""
+        """How long this session has been idle; None while it runs a call, or when it is closed.
+        A save or compression of its image under way is not a call: it may still be evicted."""
         live = self._live
-        if live is None or not live.idle():
+        if live is None or live.active:
             return None
         return time.monotonic() - max(live.last_used, live.run.session.last_active)
 
