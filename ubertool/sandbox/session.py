@@ -42,6 +42,7 @@ from ubertool.tools.files import iter_tree, remove_tree
 from ubertool.tools.recorder import Checkpoint, Exchange
 
 from . import carry, engine, imagefile
+from .beside import Cancel
 from .config import SandboxConfig
 from .quota import QuotaWatch, trim
 from .result import COMPLETED, CellError, CellResult, RestoreReport, Status, Text
@@ -150,7 +151,7 @@ class SandboxSession:
         self._lock = anyio.Lock()
         self._history: list[_Cell] = []
         self._next = 1
-        self._cancel: threading.Event | None = None
+        self._cancel: Cancel | None = None
         self._start = self._base = _Base(None, 0, {})
         self._owned: bytearray | None = None  # the buffer of an image this session took itself
         self._images = self._soft = False
@@ -405,7 +406,7 @@ class SandboxSession:
             if len(code.encode("utf-8", "replace")) > self.config.limits.code_bytes:
                 return _denied(number, f"the cell's code is over the policy's cap of "
                                f"{self.config.limits.code_bytes} bytes")
-            cancel = threading.Event()
+            cancel = Cancel()
             finished = threading.Event()
             self._cancel = cancel
             try:
@@ -446,7 +447,7 @@ class SandboxSession:
 
     def _cell_in_thread(
         self, number: int, code: str, echo: bool, timeout: float,
-        cancel: threading.Event, finished: threading.Event,
+        cancel: Cancel, finished: threading.Event,
     ) -> CellResult:
         try:
             return self._cell(number, code, echo, timeout, cancel)
@@ -454,7 +455,7 @@ class SandboxSession:
             finished.set()
 
     def _cell(self, number: int, code: str, echo: bool, timeout: float,
-              cancel: threading.Event) -> CellResult:
+              cancel: Cancel) -> CellResult:
         assert self._interp is not None
         source = engine.cell_source(number, code, echo=echo, value_cap=self.config.limits.output_bytes)
         started = time.perf_counter()
