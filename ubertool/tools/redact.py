@@ -57,6 +57,7 @@ class Redactor:
     def __init__(self) -> None:
         self._secrets: dict[str, str] = {}  # secret -> name
         self._forms: dict[str, str] = {}  # every encoding of every secret -> name
+        self._pairs: tuple[tuple[str, str], ...] = ()  # the forms, longest first
         self._lock = threading.Lock()
 
     def add(self, name: str, secret: str) -> None:
@@ -72,10 +73,9 @@ class Redactor:
 
     def _rebuild(self) -> None:
         self._forms = {form: name for secret, name in self._secrets.items() for form in encodings(secret)}
-
-    def _pairs(self) -> list[tuple[str, str]]:
-        with self._lock:  # longest first, so a form containing another is replaced whole
-            return sorted(self._forms.items(), key=lambda item: -len(item[0]))
+        # Longest first, so a form containing another is replaced whole; one tuple replaced by
+        # another, so a reader needs no lock.
+        self._pairs = tuple(sorted(self._forms.items(), key=lambda item: -len(item[0])))
 
     @property
     def active(self) -> bool:
@@ -83,13 +83,13 @@ class Redactor:
         return bool(self._forms)
 
     def text(self, value: str) -> str:
-        for form, name in self._pairs():
+        for form, name in self._pairs:
             if form in value:
                 value = value.replace(form, f"[redacted:{name}]")
         return value
 
     def data(self, value: bytes) -> bytes:
-        for form, name in self._pairs():
+        for form, name in self._pairs:
             raw = form.encode()
             if raw in value:
                 value = value.replace(raw, f"[redacted:{name}]".encode())
