@@ -387,6 +387,21 @@ async def test_the_policy_names_a_template(_isolated_home: Path, tmp_path: Path)
     assert values[0] != values[1]  # reseeded, not the template's random state
 
 
+async def test_a_replay_run_takes_no_image_and_still_stops_a_cell_softly(_isolated_home: Path) -> None:
+    """A playbook's replay ends at its first failed cell, so images after slow cells are never
+    used: it takes none (a run does); a soft interrupt still stops a loop, as anywhere."""
+    from ubertool.runtime.policy import default_policy
+    from ubertool.runtime.runs import open_run
+
+    slow = "import time\nstarted = time.monotonic()\nwhile time.monotonic() - started < 0.2: pass"
+    for kind, imaged in (("run", True), ("replay", False)):
+        async with open_run(default_policy(), kind=kind) as run:
+            assert (await run.cell(slow)).status is Status.OK
+            assert (run.session._base.cells > 0) is imaged, kind
+            stopped = await run.cell("while True: pass", timeout_s=0.3)
+            assert stopped.status is Status.TIMEOUT and "KeyboardInterrupt" in stopped.message, stopped
+
+
 def test_the_soft_interrupt_self_test_sends_only_once_the_guest_loops(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """On a loaded host the guest's turn starts late: an interrupt sent before its loop lands in

@@ -354,6 +354,8 @@ async def open_run(policy: Policy, *, workspace: Path | None = None, journal: Jo
             elif journal is not None:
                 journal.reopen_run(run_id)
             try:
+                # A replay ends at its first failed cell, so it is never restored: no images.
+                config = replace(config, keep_images=kind != "replay")
                 async with SandboxSession(config, resume=resume.session if resume else None) as session:
                     yield Run(run_id, policy, folder, audit, redactor, session, record, journal)
             finally:

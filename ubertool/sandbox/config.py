@@ -72,6 +72,10 @@ class SandboxConfig:
     (reseeded), when session images are on; () for none. `root` is the host folder the guest
     sees as `/` (its /tmp and HOME): an empty owner-only folder that its giver keeps (so a
     saved session finds it again) and removes; None: a temporary one, removed at the close.
+    `keep_images`: take a session image after cells that would be slow to replay (when images
+    are on), so that a restore replays only the cells after it; False for a session that is
+    never restored (a playbook's replay ends at its first failed cell): a restore, if one comes
+    all the same, replays every cell.
     """
 
     workspace: Path
@@ -85,3 +89,4 @@ class SandboxConfig:
     import_path: tuple[str, ...] = ()
     template: tuple[str, ...] = ()
     root: Path | None = None
+    keep_images: bool = True

@@ -550,7 +550,9 @@ class SandboxSession:
         """After a completed cell: keep an image when the cells since the last one would take
         over `IMAGE_AFTER_S` to replay, or when the guest's open files are not the image's.
         `files` is the writable folders' fingerprint now; `force`: after a soft interrupt,
-        whose partial effects no replay could bring back."""
+        whose partial effects no replay could bring back (taken even without `keep_images`)."""
+        if not (force or self.config.keep_images):
+            return
         with self._store_lock:
             if self._images and self._interp is not None and self._interp.ended is None:
                 self._image_if_due(self._interp, force, files)
