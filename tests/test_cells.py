@@ -35,6 +35,18 @@ async def test_final_expression_is_echoed_but_not_none(session: SandboxSession) 
     assert str((await session.run("_")).value) == "[1, 2, 3]"  # the last echoed value
 
 
+async def test_a_one_line_cell_means_what_it_means_in_a_longer_one(session: SandboxSession) -> None:
+    """One line that is one expression is compiled without a syntax tree: the same outcome."""
+    assert str((await session.run("1  # a comment")).value) == "1"
+    printed = await session.run("print('p')")
+    assert (printed.stdout.head, printed.value) == ("p\n", None)
+    assert (await session.run("y = 2")).value is None and str((await session.run("y")).value) == "2"
+    indented = await session.run(" 1")
+    assert indented.error is not None and indented.error.type == "IndentationError", indented
+    failed = await session.run("1 / 0")
+    assert failed.error is not None and "<cell-" in failed.error.traceback, failed
+
+
 async def test_stdout_and_stderr_are_separate(session: SandboxSession) -> None:
     result = await session.run("import sys\nprint('out')\nprint('err', file=sys.stderr)")
     assert (str(result.stdout), str(result.stderr)) == ("out\n", "err\n")

@@ -182,7 +182,15 @@ def _error(exc: BaseException) -> dict:
 
 
 def _compile(source: str, filename: str, echo: bool):
-    """The cell's body and, when `echo` and it ends with an expression, that expression."""
+    """The cell's body (None: nothing before the expression) and, when `echo` and it ends
+    with an expression, that expression."""
+    if echo and "\n" not in source.rstrip() and source[:1] not in (" ", "\t"):
+        # One line that is one expression ("df.head()"): compiled once, without the syntax
+        # tree (which costs twice as much in the guest); any other line fails here at once.
+        try:
+            return None, compile(source, filename, "eval")
+        except SyntaxError:
+            pass
     tree = ast.parse(source, filename, "exec")
     last = None
     if echo and tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -195,7 +203,8 @@ def _execute(source: str, filename: str, echo: bool, value_cap: int) -> tuple[di
     namespace = sys.modules["__main__"].__dict__
     try:
         body, last = _compile(source, filename, echo)
-        exec(body, namespace)
+        if body is not None:
+            exec(body, namespace)
         value = eval(last, namespace) if last is not None else None
     except BaseException as exc:  # the cell's own failure, SystemExit and KeyboardInterrupt too
         return None, _error(exc)
