@@ -12,6 +12,7 @@ and answered `cancelled` ("the server is stopping"), every run is ended in the j
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -62,10 +63,8 @@ def _traceparent(ctx: Context) -> str | None:
     return value if isinstance(value, str) else None
 
 
-async def _progress(ctx: Context, timeout_s: float) -> None:
-    """Tell the client the cell is alive, every second after the first, until cancelled."""
-    started = time.monotonic()
-    await anyio.sleep(PROGRESS_AFTER_S)
+async def _progress(ctx: Context, started: float, timeout_s: float) -> None:
+    """Tell the client the cell is alive, now and every second, until cancelled."""
     while True:
         elapsed = time.monotonic() - started
         try:
@@ -93,7 +92,10 @@ def build_server(manager: Sessions, auth: AuthProvider | None = None) -> FastMCP
         timeout = limits.timeout_s if timeout_s is None else min(timeout_s, limits.max_timeout_s)
         with manager.stoppable():
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_progress, ctx, timeout)
+                # The progress task starts only once the call has run a second: starting and
+                # cancelling a task costs a tenth of a trivial call. (fastmcp serves on asyncio.)
+                later = asyncio.get_running_loop().call_later(
+                    PROGRESS_AFTER_S, tg.start_soon, _progress, ctx, time.monotonic(), timeout)
                 try:
                     return await manager.call(session, _connection_key(ctx), principal(), code,
                                               timeout_s=timeout_s, traceparent=_traceparent(ctx))
@@ -101,6 +103,7 @@ def build_server(manager: Sessions, auth: AuthProvider | None = None) -> FastMCP
                     ERRORS.add(1, {"kind": "refused"})
                     return refusal(str(exc))
                 finally:
+                    later.cancel()
                     tg.cancel_scope.cancel()
         held = f"session {session}" if session else "its session"
         return refusal(f"[cancelled] {STOPPING}: this call was stopped ({held}); the session's "
