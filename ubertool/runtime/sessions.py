@@ -90,7 +90,7 @@ class SessionManager(CallScopes):
         self.pool = RunPool(policy, policy.sessions.pool, self._pool_room)
         self._live: dict[str, _Live] = {}
         self._by_key: dict[tuple[str, str], str] = {}
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # no loop round trip when free
         self._reap_every_s = reap_every_s
         self._on_event = on_event or (lambda kind, **fields: None)
 

