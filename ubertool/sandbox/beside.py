@@ -170,8 +170,9 @@ class Finish:
         with self._lock:
             self._event.set()
 
-    def is_set(self) -> bool:
-        return self._event.is_set()
+    def wait(self, timeout: float) -> bool:
+        """Whether the turn is over, waiting up to `timeout` seconds for it."""
+        return self._event.wait(timeout)
 
     @contextmanager
     def acting(self) -> Iterator[bool]:

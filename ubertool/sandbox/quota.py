@@ -44,9 +44,9 @@ def used_bytes(folders: Sequence[Path]) -> int:
 class QuotaWatch:
     """A context manager around one cell's turn: while it runs, if `folders` hold more than
     `quota` bytes, `cancel` is set (the cell is stopped as a cancelled one) and `tripped` says
-    so; once the block is left, `tripped` is final. It only reads the folders: first after
-    `FIRST_S`, then every `POLL_S` or four times what a walk took (at most `MAX_POLL_S`), each
-    walk on a kept thread."""
+    so; once the block is left, `tripped` is final. It only reads the folders, on a kept
+    thread: first after `FIRST_S`, then every `POLL_S` or four times what a walk took (at most
+    `MAX_POLL_S`)."""
 
     def __init__(self, folders: Sequence[Path], quota: int, cancel: threading.Event) -> None:
         self.folders = tuple(folders)
@@ -68,26 +68,23 @@ class QuotaWatch:
             self._timer.cancel()
 
     def _due(self) -> None:  # on the timer thread, which must not wait for a walk
-        beside(self._walk)
+        beside(self._watch)
 
-    def _walk(self) -> None:
-        if self._done.is_set():
-            return
-        began = time.perf_counter()
-        try:
-            over = used_bytes(self.folders) > self.quota
-        except OSError:  # a tree deeper than the host walks: the check after the cell says so
-            return
-        if over:
-            with self._done.acting() as running:
-                if running:
-                    self.tripped = True
-                    self._cancel.set()
-            return
-        interval = min(MAX_POLL_S, max(POLL_S, 4 * (time.perf_counter() - began)))
-        with self._done.acting() as running:
-            if running:
-                self._timer = call_at(time.monotonic() + interval, self._due)
+    def _watch(self) -> None:
+        interval = 0.0  # the first walk at once: the cell has run `FIRST_S` already
+        while not self._done.wait(interval):
+            began = time.perf_counter()
+            try:
+                over = used_bytes(self.folders) > self.quota
+            except OSError:  # a tree deeper than the host walks: the check after the cell says so
+                return
+            if over:
+                with self._done.acting() as running:
+                    if running:
+                        self.tripped = True
+                        self._cancel.set()
+                return
+            interval = min(MAX_POLL_S, max(POLL_S, 4 * (time.perf_counter() - began)))
 
 
 def trim(folders: Sequence[Path], quota: int, since: float, used: int | None = None) -> list[str]:
