@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from ubertool.runtime.policy import DirMount, Policy
-from ubertool.tools.mounts.http import HttpMountSpec
+from ubertool.tools.mounts.spec import HttpMountSpec
 
 PACKAGES = "numpy, pandas, scipy, scikit-learn, statsmodels, matplotlib, lxml"
 

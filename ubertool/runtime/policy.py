@@ -26,7 +26,7 @@ from ubertool.sandbox import GUESTLIB_GUEST
 from ubertool.tools.browser import BrowserSpec
 from ubertool.tools.credentials import CredentialSpec
 from ubertool.tools.jail import bwrap_problem
-from ubertool.tools.mounts.http import HttpMountSpec
+from ubertool.tools.mounts.spec import HttpMountSpec
 from ubertool.tools.packages import PACKAGES_GUEST, PackagesSpec
 from ubertool.tools.programs import ProgramSpec
 from ubertool.tools.upstream import UpstreamSpec
