@@ -45,7 +45,6 @@ from ubertool.tools import ToolFailure
 from ubertool.tools.browser import BrowserBroker
 from ubertool.tools.credentials import CredentialBroker
 from ubertool.tools.files import cache_home, open_private, private_folder, remove_tree
-from ubertool.tools.mounts.http import HttpMount
 from ubertool.tools.packages import PACKAGES_GUEST, PackageBroker, PackageError, installs_in
 from ubertool.tools.programs import ProgramBroker
 from ubertool.tools.recorder import Exchange, Recorder, Spool, recorded_call
@@ -285,6 +284,8 @@ def sandbox_config(policy: Policy, workspace: Path, audit: AuditLog, redactor: R
         for spec in policy.mounts:
             if isinstance(spec, DirMount):
                 continue
+            from ubertool.tools.mounts.http import HttpMount  # its HTTP client: only when used
+
             provider = HttpMount(spec, credentials=credentials, recorder=recorder, redactor=redactor,
                                  spool=spool, on_event=audit.event)
             stack.callback(provider.close)
