@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ubertool.tools.redact import Redactor
 from ubertool.tools.tracing import span
+
+if TYPE_CHECKING:
+    import httpx
 
 EventSink = Callable[..., None]
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -90,7 +92,9 @@ class CredentialBroker:
         self._on_event = on_event or (lambda *a, **k: None)
         self._tokens: dict[str, _Token] = {}
         self._lock = threading.Lock()
-        self._http = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        self._timeout_s = timeout_s
+        self._http: httpx.Client | None = None  # made at the first token endpoint request
+        self._http_lock = threading.Lock()
 
     def __enter__(self) -> CredentialBroker:
         return self
@@ -133,15 +137,29 @@ class CredentialBroker:
         for name, token in tokens.items():
             spec = self._specs[name]
             if spec.revoke_url:
+                import httpx
+
                 try:
-                    response = self._http.post(spec.revoke_url, data={
+                    response = self._client().post(spec.revoke_url, data={
                         "token": token.value, "token_type_hint": "access_token",
                         **self._client_auth(spec)})
                     self._on_event("credential_revoked", credential=name, status=response.status_code)
                 except httpx.HTTPError as exc:
                     self._on_event("credential_revoke_failed", credential=name, error=type(exc).__name__)
             self._redactor.forget(token.value)
-        self._http.close()
+        with self._http_lock:
+            if self._http is not None:
+                self._http.close()
+
+    def _client(self) -> httpx.Client:
+        """The client for token endpoints, made (and httpx imported) at the first request: a run
+        whose credentials need none, or that has none, does not pay for either. Thread-safe."""
+        import httpx
+
+        with self._http_lock:
+            if self._http is None:
+                self._http = httpx.Client(timeout=self._timeout_s, follow_redirects=False)
+            return self._http
 
     def _obtain(self, name: str, spec: CredentialSpec) -> _Token:
         if spec.source == "env":
@@ -163,6 +181,8 @@ class CredentialBroker:
         return auth
 
     def _mint(self, name: str, spec: CredentialSpec) -> _Token:
+        import httpx
+
         form: dict[str, str] = dict(self._client_auth(spec))
         if spec.source == "client_credentials":
             form["grant_type"] = "client_credentials"
@@ -172,7 +192,7 @@ class CredentialBroker:
         form.update({k: v for k, v in (("scope", spec.scope), ("audience", spec.audience)) if v})
         started = time.monotonic()
         try:
-            response = self._http.post(spec.token_url or "", data=form)
+            response = self._client().post(spec.token_url or "", data=form)
             body = response.json() if response.status_code == 200 else {}
         except (httpx.HTTPError, ValueError) as exc:
             raise CredentialError(f"credential {name!r}: the token endpoint failed "
