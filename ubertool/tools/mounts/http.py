@@ -38,7 +38,6 @@ from ubertool.tools.recorder import Body, Json, Recorder, ReplayMismatch, Spool
 from ubertool.tools.redact import Redactor
 from ubertool.tools.tracing import failed, span
 
-_METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 _RETRY_STATUS = frozenset({502, 503, 504})
 _MAX_REDIRECTS = 5
