@@ -21,6 +21,17 @@ def test_timers_run_in_time_order_and_a_cancelled_one_never_runs() -> None:
     assert ran == ["past", "early", "late"]
 
 
+def test_a_timer_that_raises_stops_no_later_one() -> None:
+    def fail() -> None:
+        raise RuntimeError("a watcher's bug")
+
+    fired = threading.Event()
+    now = time.monotonic()
+    call_at(now, fail)
+    call_at(now + 0.01, fired.set)
+    assert fired.wait(5)
+
+
 def test_an_earlier_timer_wakes_the_thread_sleeping_for_a_later_one() -> None:
     """The thread sleeps until the earliest timer: one added before it must not wait for it."""
     far = call_at(time.monotonic() + 60, lambda: None)

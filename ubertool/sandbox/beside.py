@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from queue import SimpleQueue
+
+log = logging.getLogger(__name__)
 
 
 class _Worker:
@@ -110,7 +113,10 @@ class _Timers:
                     self._wake.wait(None if not self._heap else max(0.0, self._target - now))
                     self._target = 0.0  # awake: a new timer need not notify
                     continue
-            fn()  # outside the lock: it may add timers
+            try:
+                fn()  # outside the lock: it may add timers
+            except Exception:  # one watcher's failure must not stop every other turn's
+                log.exception("a timer's call failed")
 
 
 _timers = _Timers()
@@ -119,8 +125,8 @@ _timers = _Timers()
 def call_at(when: float, fn: Callable[[], None]) -> Timer:
     """Call `fn` on the timer thread at `when` (a `time.monotonic()`), or at once if it has
     passed. `fn` must be quick (set an event, write a flag, hand work to `beside`): every
-    watcher of the process waits behind it. What it raises is lost with the timer thread's
-    life, so it must raise nothing."""
+    watcher of the process waits behind it. What it raises is logged, and the timer thread
+    goes on."""
     return _timers.call_at(when, fn)
 
 
