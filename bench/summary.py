@@ -11,7 +11,8 @@ from table import RESULTS, read
 
 
 def main() -> None:
-    rows = read()
+    rows = [r for r in read() if "note" not in r]
+    notes = [r for r in read() if "note" in r]
     if not rows:
         print(f"no results in {RESULTS}: run the benches first (`make bench`)")
         return
@@ -29,6 +30,8 @@ def main() -> None:
         print(f"{r['figure']:<40} {value:10.2f} {floor_text:>10} {ratio:>7}  {target:<16} "
               f"{'yes' if met else 'NO ':<4} {r['floor_name']}")
     print(f"(units: {', '.join(sorted({r['unit'] for r in rows}))})")
+    for r in notes:
+        print(f"note: {r['figure']}: {r['value']:.2f} {r['unit']}; {r['note']}")
 
 
 if __name__ == "__main__":
